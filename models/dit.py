@@ -1,0 +1,214 @@
+"""The Movie Gen video DiT (SPEC §1), a plain nn.Module.
+
+A Llama-style non-causal block: RMSNorm -> self-attention -> cross-attention to text ->
+RMSNorm -> SwiGLU, no biases. Time enters through adaLN-zero in PixArt-alpha's shared
+form (one time MLP for the whole stack plus a learnable per-block table), which keeps the
+48/6144/16384/48 configuration at ~29B parameters as the paper counts it. Learnable
+factorised T/H/W position tables are added to the input of every block.
+
+Shapes: latent x (B, C, T, H, W), t (B,) in [0, 1] (0 = noise, 1 = data),
+context (B, Lc, D) already projected to the model width, context_mask (B, Lc) bool.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from models.attention import CrossAttention, SelfAttention, SwiGLU
+
+
+@dataclass
+class DiTConfig:
+    """Architecture of the DiT. Position tables are sized in patches, not latent pixels."""
+
+    width: int = 128
+    depth: int = 4
+    heads: int = 4
+    ffn_dim: int = 512
+    in_channels: int = 16
+    patch_t: int = 1
+    patch_h: int = 2
+    patch_w: int = 2
+    max_patches_t: int = 32
+    max_patches_h: int = 48
+    max_patches_w: int = 48
+    time_freq_dim: int = 256
+    norm_eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        for name in ("width", "depth", "heads", "ffn_dim", "in_channels", "patch_t", "patch_h",
+                     "patch_w", "max_patches_t", "max_patches_h", "max_patches_w",
+                     "time_freq_dim"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"model.{name}={getattr(self, name)} must be positive")
+        if self.width % self.heads:
+            raise ValueError(f"model.width={self.width} is not divisible by "
+                             f"model.heads={self.heads}; pick heads that divide the width")
+        if self.time_freq_dim % 2:
+            raise ValueError(f"model.time_freq_dim={self.time_freq_dim} must be even")
+
+    @property
+    def patch_volume(self) -> int:
+        return self.patch_t * self.patch_h * self.patch_w
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x (B, L, D), shift/scale (B, D)."""
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal features of t*1000 (the DiT convention for t in [0, 1]): (B,) -> (B, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
+    args = 1000.0 * t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class TimeEmbedding(nn.Module):
+    """t (B,) -> conditioning vector c (B, D)."""
+
+    def __init__(self, freq_dim: int, width: int):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.fc1 = nn.Linear(freq_dim, width, bias=False)
+        self.fc2 = nn.Linear(width, width, bias=False)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        features = timestep_embedding(t, self.freq_dim).to(self.fc1.weight.dtype)
+        return self.fc2(nn.functional.silu(self.fc1(features)))
+
+
+class DiTBlock(nn.Module):
+    """One transformer block. x (B, L, D), modulation (B, 6, D) -> (B, L, D)."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        d = cfg.width
+        self.attn_norm = nn.RMSNorm(d, eps=cfg.norm_eps, elementwise_affine=False)
+        self.attn = SelfAttention(d, cfg.heads)
+        self.cross_norm = nn.RMSNorm(d, eps=cfg.norm_eps)
+        self.cross_attn = CrossAttention(d, cfg.heads)
+        self.ffn_norm = nn.RMSNorm(d, eps=cfg.norm_eps, elementwise_affine=False)
+        self.ffn = SwiGLU(d, cfg.ffn_dim)
+        # Per-block offset added to the shared time modulation (adaLN-single).
+        self.modulation = nn.Parameter(torch.empty(6, d))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        modulation: torch.Tensor,
+        context: torch.Tensor,
+        context_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = (
+            self.modulation[None] + modulation).unbind(1)
+        x = x + gate_a[:, None] * self.attn(modulate(self.attn_norm(x), shift_a, scale_a))
+        x = x + self.cross_attn(self.cross_norm(x), context, context_mask)
+        x = x + gate_f[:, None] * self.ffn(modulate(self.ffn_norm(x), shift_f, scale_f))
+        return x
+
+
+class FinalLayer(nn.Module):
+    """Modulated norm + zero-initialised projection to patch values: (B, L, D) -> (B, L, P)."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.norm = nn.RMSNorm(cfg.width, eps=cfg.norm_eps, elementwise_affine=False)
+        self.modulation = nn.Parameter(torch.empty(2, cfg.width))
+        self.proj = nn.Linear(cfg.width, cfg.patch_volume * cfg.in_channels, bias=False)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = (self.modulation[None] + c[:, None]).unbind(1)
+        return self.proj(modulate(self.norm(x), shift, scale))
+
+
+class DiT(nn.Module):
+    """Velocity network v(x_t, t, text): (B, C, T, H, W) -> (B, C, T, H, W)."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.width
+        self.patch_embed = nn.Linear(cfg.patch_volume * cfg.in_channels, d, bias=False)
+        self.pos_t = nn.Parameter(torch.empty(cfg.max_patches_t, d))
+        self.pos_h = nn.Parameter(torch.empty(cfg.max_patches_h, d))
+        self.pos_w = nn.Parameter(torch.empty(cfg.max_patches_w, d))
+        self.time_embed = TimeEmbedding(cfg.time_freq_dim, d)
+        self.time_modulation = nn.Linear(d, 6 * d, bias=False)
+        self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
+        self.final = FinalLayer(cfg)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Deterministic init given the global seed; works after ``to_empty`` from meta."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+            elif isinstance(module, nn.RMSNorm) and module.weight is not None:
+                nn.init.ones_(module.weight)
+        for table in (self.pos_t, self.pos_h, self.pos_w):
+            nn.init.normal_(table, std=0.02)
+        # adaLN-zero: gates, shifts and scales start at 0, so every block starts as the
+        # identity; cross-attention is not gated, so its output projection starts at 0.
+        nn.init.zeros_(self.time_modulation.weight)
+        for block in self.blocks:
+            nn.init.zeros_(block.modulation)
+            nn.init.zeros_(block.cross_attn.wo.weight)
+        nn.init.zeros_(self.final.modulation)
+        nn.init.zeros_(self.final.proj.weight)
+
+    def grid(self, latent_shape: tuple[int, ...]) -> tuple[int, int, int]:
+        """Patch grid (Tp, Hp, Wp) of a (C, T, H, W) latent; a clear error if it does not fit."""
+        cfg = self.cfg
+        c, t, h, w = latent_shape
+        if c != cfg.in_channels:
+            raise ValueError(f"latent has {c} channels but model.in_channels={cfg.in_channels}")
+        for size, patch, limit, name in ((t, cfg.patch_t, cfg.max_patches_t, "t"),
+                                         (h, cfg.patch_h, cfg.max_patches_h, "h"),
+                                         (w, cfg.patch_w, cfg.max_patches_w, "w")):
+            if size % patch:
+                raise ValueError(f"latent {name}-size {size} is not divisible by "
+                                 f"model.patch_{name}={patch}")
+            if size // patch > limit:
+                raise ValueError(f"latent {name}-size {size} gives {size // patch} patches, "
+                                 f"more than model.max_patches_{name}={limit}")
+        return t // cfg.patch_t, h // cfg.patch_h, w // cfg.patch_w
+
+    def position_embedding(self, tp: int, hp: int, wp: int) -> torch.Tensor:
+        """Sum of the factorised tables over the grid, t-major order: (Tp*Hp*Wp, D)."""
+        pos = (self.pos_t[:tp, None, None] + self.pos_h[None, :hp, None]
+               + self.pos_w[None, None, :wp])
+        return pos.flatten(0, 2)
+
+    def patchify(self, x: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        return rearrange(x, "b c (t pt) (h ph) (w pw) -> b (t h w) (c pt ph pw)",
+                         pt=cfg.patch_t, ph=cfg.patch_h, pw=cfg.patch_w)
+
+    def unpatchify(self, tokens: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        cfg = self.cfg
+        tp, hp, wp = grid
+        return rearrange(tokens, "b (t h w) (c pt ph pw) -> b c (t pt) (h ph) (w pw)",
+                         t=tp, h=hp, w=wp, pt=cfg.patch_t, ph=cfg.patch_h, pw=cfg.patch_w)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        context: torch.Tensor,
+        context_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        grid = self.grid(tuple(x.shape[1:]))
+        h = self.patch_embed(self.patchify(x))
+        pos = self.position_embedding(*grid)
+        c = self.time_embed(t)
+        modulation = self.time_modulation(nn.functional.silu(c)).unflatten(1, (6, -1))
+        for block in self.blocks:
+            h = block(h + pos, modulation, context, context_mask)
+        return self.unpatchify(self.final(h, c), grid)

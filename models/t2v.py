@@ -1,0 +1,28 @@
+"""The trainable text-to-video model: text conditioner + DiT under one module.
+
+``forward(x_t (B, C, T, H, W), t (B,), captions [B]) -> velocity (B, C, T, H, W)``.
+Sampling encodes the prompts once and calls ``dit`` directly.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from models.dit import DiT
+from models.text import TextConditioner
+
+
+class TextToVideo(nn.Module):
+    def __init__(self, dit: DiT, text: TextConditioner):
+        super().__init__()
+        self.dit = dit
+        self.text = text
+
+    def init_weights(self) -> None:
+        self.dit.init_weights()
+        self.text.init_weights()
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, captions: list[str]) -> torch.Tensor:
+        context, mask = self.text(captions)
+        return self.dit(x, t, context, mask)

@@ -1,0 +1,122 @@
+"""Text conditioning: encoders behind one interface, projected and concatenated (SPEC §1).
+
+An encoder maps captions to tokens: ``encode(captions) -> (tokens (B, L, E), mask (B, L))``
+with ``mask`` True on real tokens, and exposes ``dim`` (E) and ``trainable``. The embedded
+default is a byte-level (ByT5-style) tokenizer with a small trainable transformer, so
+nothing is downloaded. ``TextConditioner`` gives every encoder its own Linear + LayerNorm
+into the DiT width and concatenates their tokens along the sequence.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from models.attention import SelfAttention, SwiGLU
+
+
+class ByteTokenizer:
+    """UTF-8 bytes offset by the three ByT5 specials (pad 0, eos 1, unk 2), eos-terminated."""
+
+    pad_id, eos_id, offset = 0, 1, 3
+    vocab_size = 256 + offset
+
+    def __init__(self, max_length: int):
+        if max_length < 2:
+            raise ValueError(f"text max_length={max_length} must be at least 2 (bytes + eos)")
+        self.max_length = max_length
+
+    def __call__(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """captions -> ids (B, max_length) long, mask (B, max_length) bool."""
+        ids = torch.full((len(captions), self.max_length), self.pad_id, dtype=torch.long)
+        for row, caption in enumerate(captions):
+            body = [b + self.offset for b in caption.encode("utf-8")][: self.max_length - 1]
+            ids[row, : len(body) + 1] = torch.tensor(body + [self.eos_id])
+        return ids, ids != self.pad_id
+
+
+class EncoderLayer(nn.Module):
+    """Pre-norm bidirectional transformer layer with a key padding mask: (B, L, E)."""
+
+    def __init__(self, dim: int, heads: int, ffn_dim: int):
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(dim, eps=1e-6)
+        self.attn = SelfAttention(dim, heads)
+        self.ffn_norm = nn.RMSNorm(dim, eps=1e-6)
+        self.ffn = SwiGLU(dim, ffn_dim)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), mask[:, None, None, :])
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class ByteTextEncoder(nn.Module):
+    """Trainable byte-level encoder, the embedded default: captions -> (B, L, dim), mask."""
+
+    trainable = True
+
+    def __init__(self, dim: int, depth: int, heads: int, ffn_dim: int, max_length: int):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"text encoder dim={dim} is not divisible by heads={heads}")
+        self.dim = dim
+        self.tokenizer = ByteTokenizer(max_length)
+        self.embed = nn.Embedding(ByteTokenizer.vocab_size, dim)
+        self.pos = nn.Parameter(torch.empty(max_length, dim))
+        self.layers = nn.ModuleList(EncoderLayer(dim, heads, ffn_dim) for _ in range(depth))
+        self.norm = nn.RMSNorm(dim, eps=1e-6)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+            elif isinstance(module, nn.RMSNorm):
+                nn.init.ones_(module.weight)
+        nn.init.normal_(self.embed.weight, std=0.02)
+        nn.init.normal_(self.pos, std=0.02)
+
+    def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, mask = self.tokenizer(captions)
+        ids, mask = ids.to(self.pos.device), mask.to(self.pos.device)
+        x = self.embed(ids) + self.pos[None, : ids.shape[1]]
+        for layer in self.layers:
+            x = layer(x, mask)
+        return self.norm(x), mask
+
+
+class TextConditioner(nn.Module):
+    """Several encoders -> one cross-attention context.
+
+    captions (B strings) -> context (B, sum_i L_i, width), mask (B, sum_i L_i) bool.
+    """
+
+    def __init__(self, encoders: dict[str, nn.Module], width: int):
+        super().__init__()
+        if not encoders:
+            raise ValueError("text.encoders is empty: configure at least one text encoder")
+        self.encoders = nn.ModuleDict(encoders)
+        self.projections = nn.ModuleDict({
+            name: nn.Sequential(nn.Linear(enc.dim, width, bias=False), nn.LayerNorm(width))
+            for name, enc in encoders.items()})
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        for name, encoder in self.encoders.items():
+            if encoder.trainable:
+                encoder.init_weights()
+            linear, norm = self.projections[name]
+            nn.init.trunc_normal_(linear.weight, std=0.02)
+            norm.reset_parameters()
+
+    def forward(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens, masks = [], []
+        for name, encoder in self.encoders.items():
+            if encoder.trainable:
+                states, mask = encoder.encode(captions)
+            else:
+                with torch.no_grad():
+                    states, mask = encoder.encode(captions)
+            tokens.append(self.projections[name](states))
+            masks.append(mask)
+        return torch.cat(tokens, dim=1), torch.cat(masks, dim=1)

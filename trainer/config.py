@@ -1,0 +1,215 @@
+"""Structured config schemas, registered with Hydra's ConfigStore.
+
+Each YAML option in ``conf/<group>/`` names its schema first in its defaults list, so a
+wrong key or a wrong type fails at composition with the key named. Enumerated choices are
+Enums (OmegaConf rejects other values). Cross-field checks run when the composed config
+is turned into these dataclasses (``__post_init__``) and in ``check_latent_fits``;
+their ``ConfigError`` messages name every value involved and the fix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from models.dit import DiTConfig
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot work; the message names the keys, values and fix."""
+
+
+class Precision(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+class LRSchedule(str, Enum):
+    cosine = "cosine"
+    constant = "constant"
+
+
+class WandbMode(str, Enum):
+    offline = "offline"
+    online = "online"
+    disabled = "disabled"
+
+
+class ActivationCheckpointing(str, Enum):
+    none = "none"
+    full = "full"
+    every_k = "every_k"
+
+
+@dataclass
+class IdentityAutoencoderConfig:
+    _target_: str = "models.autoencoder.IdentityAutoencoder"
+    space_to_depth: int = 1
+
+
+@dataclass
+class ByteTextEncoderConfig:
+    _target_: str = "models.text.ByteTextEncoder"
+    dim: int = 128
+    depth: int = 2
+    heads: int = 4
+    ffn_dim: int = 512
+    max_length: int = 64
+
+
+@dataclass
+class TextConfig:
+    # name -> encoder node with a _target_; each YAML option pulls in its encoders' schemas
+    encoders: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SyntheticDataConfig:
+    num_samples: int = 50_000
+    val_samples: int = 64
+    frames: int = 8
+    height: int = 32
+    width: int = 32
+    fps: float = 8.0
+    seed: int = 0
+
+
+@dataclass
+class ParallelConfig:
+    activation_checkpointing: ActivationCheckpointing = ActivationCheckpointing.none
+    checkpoint_every: int = 2  # with every_k: checkpoint blocks 0, k, 2k, ...
+    compile: bool = False      # torch.compile each DiT block
+
+    def __post_init__(self) -> None:
+        if self.checkpoint_every < 1:
+            raise ConfigError(f"parallel.checkpoint_every={self.checkpoint_every} must be >= 1")
+
+
+@dataclass
+class RecipeConfig:
+    batch_size: int = 16
+    lr: float = 3e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.0
+    eps: float = 1e-8
+    schedule: LRSchedule = LRSchedule.cosine
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    caption_dropout: float = 0.1
+    sigma_min: float = 1e-5
+    t_mean: float = 0.0
+    t_std: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"recipe.batch_size={self.batch_size} must be >= 1")
+        if self.lr <= 0:
+            raise ConfigError(f"recipe.lr={self.lr} must be positive")
+        if not 0.0 <= self.caption_dropout < 1.0:
+            raise ConfigError(f"recipe.caption_dropout={self.caption_dropout} must lie in [0, 1)")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"recipe.ema_decay={self.ema_decay} must lie in [0, 1)")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"recipe.min_lr_ratio={self.min_lr_ratio} must lie in [0, 1]")
+        if not 0.0 <= self.sigma_min < 1.0:
+            raise ConfigError(f"recipe.sigma_min={self.sigma_min} must lie in [0, 1)")
+
+
+@dataclass
+class WandbConfig:
+    project: str = "cinetron"
+    mode: WandbMode = WandbMode.offline
+    entity: str | None = None
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 1000
+    seed: int = 0
+    device: str = "cpu"
+    precision: Precision = Precision.fp32
+    log_every: int = 10
+    val_every: int = 200
+    val_batches: int = 4
+    sample_every: int = 500
+    sample_steps: int = 25
+    guidance_scale: float = 7.5
+    sample_prompts: list[str] = field(default_factory=list)
+    ckpt_every: int = 100
+    keep_last: int = 3
+    max_nonfinite_steps: int = 5
+    progress: bool = True
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "log_every", "val_every", "sample_every", "ckpt_every",
+                     "keep_last", "max_nonfinite_steps", "sample_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"trainer.{name}={getattr(self, name)} must be >= 1")
+
+
+@dataclass
+class TrainConfig:
+    model: Any = MISSING
+    autoencoder: Any = MISSING
+    text: Any = MISSING
+    data: Any = MISSING
+    parallel: Any = MISSING
+    recipe: Any = MISSING
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    run_name: str = "t2v_tiny"
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    cs.store(group="model", name="dit_schema", node=DiTConfig)
+    cs.store(group="autoencoder", name="identity_schema", node=IdentityAutoencoderConfig)
+    cs.store(group="text", name="text_schema", node=TextConfig)
+    cs.store(group="text/encoder", name="byte_schema", node=ByteTextEncoderConfig)
+    cs.store(group="data", name="synthetic_schema", node=SyntheticDataConfig)
+    cs.store(group="parallel", name="parallel_schema", node=ParallelConfig)
+    cs.store(group="recipe", name="recipe_schema", node=RecipeConfig)
+
+
+def to_train_config(cfg: DictConfig) -> TrainConfig:
+    """Composed DictConfig -> dataclasses (runs every ``__post_init__`` check)."""
+    try:
+        return OmegaConf.to_object(cfg)
+    except ValueError as error:
+        raise ConfigError(str(error).splitlines()[0]) from error
+
+
+def check_latent_fits(cfg: TrainConfig, autoencoder: Any) -> tuple[int, int, int, int]:
+    """The data's shape must pass the autoencoder and fit the DiT's patches and tables.
+
+    Returns the latent shape (C, T, H, W) of one sample.
+    """
+    model, data = cfg.model, cfg.data
+    try:
+        latent = autoencoder.latent_shape(data.frames, data.height, data.width)
+    except ValueError as error:
+        raise ConfigError(f"data.frames/height/width={data.frames}/{data.height}/{data.width}"
+                          f" do not fit the autoencoder: {error}") from error
+    channels, *sizes = latent
+    if model.in_channels != channels:
+        raise ConfigError(f"model.in_channels={model.in_channels} does not match the "
+                          f"autoencoder's {channels} latent channels; set "
+                          f"model.in_channels={channels}")
+    for axis, size in zip("thw", sizes, strict=True):
+        patch = getattr(model, f"patch_{axis}")
+        limit = getattr(model, f"max_patches_{axis}")
+        if size % patch:
+            raise ConfigError(f"model.patch_{axis}={patch} does not divide the latent "
+                              f"{axis}-size {size} (from data and autoencoder settings)")
+        if size // patch > limit:
+            raise ConfigError(f"latent {axis}-size {size} / model.patch_{axis}={patch} = "
+                              f"{size // patch} patches exceeds model.max_patches_{axis}="
+                              f"{limit}")
+    return latent

@@ -1,0 +1,189 @@
+"""``python -m trainer.train [experiment=...] [key=value ...]``: train, resuming if it can.
+
+One run directory per ``run_name`` (``runs/<run_name>``) holds the resolved config
+(``.hydra/``), ``metrics.jsonl``, ``checkpoints/``, ``samples/`` and the wandb run.
+Starting the same command again resumes from the newest intact checkpoint; every later
+step's loss is bitwise identical to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from itertools import islice
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from data.loader import ShuffledBatches
+from trainer.build import build_autoencoder, build_flow, build_model
+from trainer.checkpoint import Checkpointer
+from trainer.config import ConfigError, TrainConfig, check_latent_fits, register_configs
+from trainer.config import to_train_config
+from trainer.data import build_datasets
+from trainer.ema import EMA
+from trainer.metrics import Monitor
+from trainer.objective import flow_matching_loss
+from trainer.optim import build_optimizer
+from trainer.sampling import generate, write_videos
+
+
+class NonFiniteGuard:
+    """Counts steps skipped for a non-finite loss or gradient; stops the run after
+    ``limit`` in a row with an error saying where and what to change."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.in_row = 0
+        self.total = 0
+
+    def allows_update(self, step: int, loss: float, grad_norm: float) -> bool:
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            self.in_row = 0
+            return True
+        self.in_row += 1
+        self.total += 1
+        if self.in_row >= self.limit:
+            raise FloatingPointError(
+                f"step {step}: loss={loss}, grad_norm={grad_norm} were non-finite for "
+                f"{self.in_row} steps in a row (trainer.max_nonfinite_steps={self.limit}); "
+                f"lower recipe.lr, raise recipe.warmup_steps or use trainer.precision=fp32")
+        return False
+
+    def state_dict(self) -> dict[str, int]:
+        return {"in_row": self.in_row, "total": self.total}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.in_row, self.total = state["in_row"], state["total"]
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The RNG of one step (noise, t, caption dropout): a function of (seed, step) only."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+def autocast(cfg: TrainConfig, device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16,
+                          enabled=cfg.trainer.precision.value == "bf16")
+
+
+def train_step(cfg, step, batch, model, autoencoder, flow, optimizer, scheduler, ema, guard,
+               device) -> dict[str, float]:
+    optimizer.zero_grad(set_to_none=True)
+    with autocast(cfg, device):
+        loss = flow_matching_loss(model, autoencoder, flow, batch["video"].to(device),
+                                  batch["caption"], step_generator(cfg.trainer.seed, step),
+                                  cfg.recipe.caption_dropout)
+    loss_value, grad_norm = loss.item(), math.nan
+    if math.isfinite(loss_value):
+        loss.backward()
+        max_norm = cfg.recipe.grad_clip if cfg.recipe.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()
+    lr = scheduler.get_last_lr()[0]
+    if guard.allows_update(step, loss_value, grad_norm):
+        optimizer.step()
+        ema.update(step)
+    scheduler.step()
+    return {"loss": loss_value, "grad_norm": grad_norm, "lr": lr,
+            "skipped_steps": guard.total}
+
+
+@torch.no_grad()
+def validation_loss(cfg, model, autoencoder, flow, val_data, device) -> float:
+    """Mean loss over the first ``val_batches`` held-out batches with fixed noise and t."""
+    batches = ShuffledBatches(val_data, cfg.recipe.batch_size, seed=0, shuffle=False)
+    generator = torch.Generator().manual_seed(cfg.trainer.seed)
+    losses = []
+    for batch in islice(iter(batches), min(cfg.trainer.val_batches, batches.batches_per_epoch)):
+        with autocast(cfg, device):
+            losses.append(flow_matching_loss(model, autoencoder, flow,
+                                             batch["video"].to(device), batch["caption"],
+                                             generator).item())
+    return sum(losses) / len(losses)
+
+
+def sample_prompts(cfg, step, run_dir, model, autoencoder, latent_shape, monitor) -> None:
+    prompts = list(cfg.trainer.sample_prompts)
+    videos = generate(model, autoencoder, prompts, latent_shape, cfg.trainer.sample_steps,
+                      cfg.trainer.guidance_scale, seed=cfg.trainer.seed)
+    paths = write_videos(videos, prompts, run_dir / "samples" / f"step_{step:08d}",
+                         cfg.data.fps)
+    monitor.log_videos(paths, prompts, step)
+
+
+def checkpoint_state(step, stateful) -> dict:
+    return {"step": step, "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+            **{name: obj.state_dict() for name, obj in stateful.items()}}
+
+
+def restore(checkpointer: Checkpointer, stateful: dict) -> int:
+    """Load the newest intact checkpoint into ``stateful``; the step to continue from."""
+    found = checkpointer.load_latest()
+    if found is None:
+        return 0
+    path, state = found
+    for name, obj in stateful.items():
+        obj.load_state_dict(state[name])
+    torch.set_rng_state(state["rng"]["torch"])
+    random.setstate(state["rng"]["python"])
+    print(f"resumed from {path} (step {state['step']})", flush=True)
+    return state["step"]
+
+
+def train(cfg: TrainConfig, run_dir: Path, config_dict: dict) -> None:
+    device = torch.device(cfg.trainer.device)
+    torch.manual_seed(cfg.trainer.seed)
+    autoencoder = build_autoencoder(cfg, device)
+    latent_shape = check_latent_fits(cfg, autoencoder)
+    model, flow = build_model(cfg, device), build_flow(cfg)
+    optimizer, scheduler = build_optimizer(model.parameters(), cfg.recipe, cfg.trainer.max_steps)
+    ema = EMA(model, cfg.recipe.ema_decay)
+    train_data, val_data = build_datasets(cfg.data)
+    batches = ShuffledBatches(train_data, cfg.recipe.batch_size, cfg.trainer.seed)
+    guard = NonFiniteGuard(cfg.trainer.max_nonfinite_steps)
+    checkpointer = Checkpointer(run_dir / "checkpoints", cfg.trainer.keep_last)
+    stateful = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "ema": ema,
+                "data": batches, "guard": guard}
+    step = restore(checkpointer, stateful)
+    tokens_per_step = cfg.recipe.batch_size * math.prod(model.dit.grid(latent_shape))
+    monitor = Monitor(cfg, run_dir, config_dict, step, tokens_per_step)
+    data_iter = iter(batches)
+    while step < cfg.trainer.max_steps:
+        with monitor.waiting_for_data():
+            batch = next(data_iter)
+        step += 1
+        metrics = train_step(cfg, step, batch, model, autoencoder, flow, optimizer, scheduler,
+                             ema, guard, device)
+        monitor.log_train_step(step, **metrics)
+        last = step == cfg.trainer.max_steps
+        if step % cfg.trainer.val_every == 0 or last:
+            val = validation_loss(cfg, model, autoencoder, flow, val_data, device)
+            with ema.swapped_in():
+                val_ema = validation_loss(cfg, model, autoencoder, flow, val_data, device)
+            monitor.record("val", step, loss=val, loss_ema=val_ema)
+            monitor.log_wandb({"val/loss": val, "val/loss_ema": val_ema}, step)
+        if (step % cfg.trainer.sample_every == 0 or last) and cfg.trainer.sample_prompts:
+            with ema.swapped_in():
+                sample_prompts(cfg, step, run_dir, model, autoencoder, latent_shape, monitor)
+        if step % cfg.trainer.ckpt_every == 0 or last:
+            checkpointer.save(step, checkpoint_state(step, stateful))
+    monitor.close()
+
+
+register_configs()
+
+
+@hydra.main(version_base=None, config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> None:
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        train(to_train_config(cfg), run_dir, OmegaConf.to_container(cfg, resolve=True))
+    except ConfigError as error:
+        raise SystemExit(f"config error: {error}") from None
+
+
+if __name__ == "__main__":
+    main()
