@@ -32,14 +32,15 @@ class EMA:
     @contextmanager
     def swapped_in(self) -> Iterator[None]:
         """Run the model with EMA weights inside the block; training weights after it."""
-        self._swap()
+        self.swap()
         try:
             yield
         finally:
-            self._swap()
+            self.swap()
 
     @torch.no_grad()
-    def _swap(self) -> None:
+    def swap(self) -> None:
+        """Exchange training and EMA weights in place."""
         for name, shadow in self.shadow.items():
             param = self.params[name]
             saved = param.detach().clone()

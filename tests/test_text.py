@@ -1,0 +1,49 @@
+import pytest
+import torch
+
+from models.text import ByteTextEncoder, ByteTokenizer, TextConditioner
+
+
+def encoder(dim=32, max_length=16):
+    enc = ByteTextEncoder(dim=dim, depth=2, heads=4, ffn_dim=64, max_length=max_length)
+    enc.init_weights()
+    return enc
+
+
+def test_byte_tokenizer_is_byt5_style():
+    ids, mask = ByteTokenizer(8)(["ab", "", "héllo world"])
+    assert ids[0, :3].tolist() == [ord("a") + 3, ord("b") + 3, 1] and ids[0, 3:].eq(0).all()
+    assert ids[1, 0] == 1 and mask[1].sum() == 1  # empty caption: eos only
+    assert mask[2].all() and ids[2, -1] == 1      # truncated, still eos-terminated
+    assert ids.max() < ByteTokenizer.vocab_size
+
+
+def test_conditioner_concatenates_projected_encoders():
+    cond = TextConditioner({"a": encoder(32, 16), "b": encoder(48, 8)}, width=64)
+    cond.init_weights()
+    tokens, mask = cond(["a red square", "x"])
+    assert tokens.shape == (2, 24, 64) and mask.shape == (2, 24)
+    assert mask[0, :13].all() and not mask[0, 13:16].any() and mask[0, 16:].any()
+    single, _ = TextConditioner({"a": cond.encoders["a"]}, 64).requires_grad_(False), None
+    single.projections["a"].load_state_dict(cond.projections["a"].state_dict())
+    torch.testing.assert_close(single(["a red square", "x"])[0], tokens[:, :16])
+
+
+def test_padding_does_not_change_real_token_states():
+    enc = encoder(max_length=16)
+    short, _ = enc.encode(["hello"])
+    enc_long = ByteTextEncoder(dim=32, depth=2, heads=4, ffn_dim=64, max_length=40)
+    enc_long.load_state_dict({k: (v if k != "pos" else torch.cat([v, torch.zeros(24, 32)]))
+                              for k, v in enc.state_dict().items()})
+    long, mask = enc_long.encode(["hello"])
+    torch.testing.assert_close(long[:, :6], short[:, :6], rtol=1e-5, atol=1e-6)
+    assert mask.sum() == 6
+
+
+def test_bad_settings_raise_named_errors():
+    with pytest.raises(ValueError, match="max_length=1"):
+        ByteTokenizer(1)
+    with pytest.raises(ValueError, match="dim=30 is not divisible by heads=4"):
+        ByteTextEncoder(dim=30, depth=1, heads=4, ffn_dim=8, max_length=8)
+    with pytest.raises(ValueError, match="text.encoders is empty"):
+        TextConditioner({}, 8)

@@ -1,0 +1,32 @@
+"""Recover a finished or running run's validated config from its run directory.
+
+Hydra saved the command-line overrides and the resolved config in ``<run>/.hydra/``. The
+overrides are composed again against today's ``conf/`` (so every node has its schema),
+then the saved values are laid over them, so a default changed since training does not
+change the model being loaded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+import conf
+from trainer.config import TrainConfig, register_configs, to_train_config
+
+CONF_DIR = Path(conf.__file__).resolve().parent
+
+
+def load_run_config(run_dir: Path) -> TrainConfig:
+    hydra_dir = Path(run_dir) / ".hydra"
+    if not (hydra_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run directory: {hydra_dir}/config.yaml "
+                                f"is missing (pass checkpoint=runs/<run_name>)")
+    overrides = [o for o in OmegaConf.load(hydra_dir / "overrides.yaml")
+                 if not o.startswith("hydra.")]
+    register_configs()
+    with initialize_config_dir(version_base=None, config_dir=str(CONF_DIR)):
+        composed = compose("train", overrides=overrides)
+    return to_train_config(OmegaConf.merge(composed, OmegaConf.load(hydra_dir / "config.yaml")))
