@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+AttentionFn = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
 def sdpa_attention(

@@ -5,8 +5,8 @@ import subprocess
 import pytest
 
 from tests.conftest import ROOT, compose_train, python_cmd
-from trainer.config import ConfigError, check_latent_fits
 from trainer.build import build_autoencoder
+from trainer.config import ConfigError, check_latent_fits
 
 
 def run_train(tmp_path, *overrides):

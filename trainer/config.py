@@ -23,23 +23,23 @@ class ConfigError(ValueError):
     """A configuration that cannot work; the message names the keys, values and fix."""
 
 
-class Precision(str, Enum):
+class Precision(Enum):
     fp32 = "fp32"
     bf16 = "bf16"
 
 
-class LRSchedule(str, Enum):
+class LRSchedule(Enum):
     cosine = "cosine"
     constant = "constant"
 
 
-class WandbMode(str, Enum):
+class WandbMode(Enum):
     offline = "offline"
     online = "online"
     disabled = "disabled"
 
 
-class ActivationCheckpointing(str, Enum):
+class ActivationCheckpointing(Enum):
     none = "none"
     full = "full"
     every_k = "every_k"

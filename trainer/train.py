@@ -21,8 +21,13 @@ from omegaconf import DictConfig, OmegaConf
 from data.loader import ShuffledBatches
 from trainer.build import build_autoencoder, build_flow, build_model
 from trainer.checkpoint import Checkpointer
-from trainer.config import ConfigError, TrainConfig, check_latent_fits, register_configs
-from trainer.config import to_train_config
+from trainer.config import (
+    ConfigError,
+    TrainConfig,
+    check_latent_fits,
+    register_configs,
+    to_train_config,
+)
 from trainer.data import build_datasets
 from trainer.ema import EMA
 from trainer.metrics import Monitor
@@ -180,7 +185,8 @@ register_configs()
 def main(cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        train(to_train_config(cfg), run_dir, OmegaConf.to_container(cfg, resolve=True))
+        config_dict = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+        train(to_train_config(cfg), run_dir, config_dict)
     except ConfigError as error:
         raise SystemExit(f"config error: {error}") from None
 
