@@ -8,19 +8,23 @@ torch.compile; the mesh-based plans plug in here.
 from __future__ import annotations
 
 from torch import nn
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed._composable import checkpoint
 
 from models.dit import DiT
 
 
 def apply_activation_checkpointing(dit: DiT, mode: str, every: int = 1) -> None:
-    """Recompute checkpointed blocks' activations in backward. mode: none | full | every_k."""
+    """Recompute checkpointed blocks' activations in backward. mode: none | full | every_k.
+
+    The composable ``checkpoint`` keeps parameter names, so checkpoints, EMA and optimizer
+    state are the same with the switch on or off.
+    """
     if mode == "none":
         return
     stride = 1 if mode == "full" else every
     for index, block in enumerate(dit.blocks):
         if index % stride == 0:
-            dit.blocks[index] = checkpoint_wrapper(block, preserve_rng_state=False)
+            checkpoint(block)
 
 
 def compile_blocks(dit: DiT) -> None:

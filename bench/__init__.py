@@ -1,0 +1,1 @@
+"""Benchmark scripts that print a table (not tests)."""
