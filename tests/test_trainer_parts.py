@@ -108,3 +108,23 @@ def test_caption_dropout_rate_and_determinism():
     assert 900 < dropped.count("") < 1100
     assert dropped == drop_captions(captions, 0.1, torch.Generator().manual_seed(0))
     assert drop_captions(captions, 0.0, torch.Generator()) == captions
+
+
+def test_bf16_autocast_step_is_finite_and_close_to_fp32():
+    from trainer.train import autocast
+
+    cfg = compose_train(SMALL + ["trainer.precision=bf16"])
+    torch.manual_seed(0)
+    model = build_model(cfg, torch.device("cpu"))
+    with torch.no_grad():  # move off the adaLN-zero init so the network's output matters
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    video = torch.rand(2, 3, 2, 8, 8) * 2 - 1
+    args = (model, build_autoencoder(cfg, "cpu"), build_flow(cfg), video, ["a", "b"])
+    fp32 = flow_matching_loss(*args, step_generator(0, 1))
+    with autocast(cfg, torch.device("cpu")):
+        bf16 = flow_matching_loss(*args, step_generator(0, 1))
+    bf16.backward()
+    assert bf16.dtype == torch.float32 and math.isfinite(bf16.item())
+    assert abs(bf16.item() - fp32.item()) / fp32.item() < 0.02
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
