@@ -2,9 +2,10 @@
 
 An encoder maps captions to tokens: ``encode(captions) -> (tokens (B, L, E), mask (B, L))``
 with ``mask`` True on real tokens, and exposes ``dim`` (E) and ``trainable``. The embedded
-default is a byte-level (ByT5-style) tokenizer with a small trainable transformer, so
-nothing is downloaded. ``TextConditioner`` gives every encoder its own Linear + LayerNorm
-into the DiT width and concatenates their tokens along the sequence.
+default is a byte-level (ByT5-style) tokenizer with a small transformer, so nothing is
+downloaded. Encoders also expose ``init_weights`` (a pretrained one keeps its weights).
+``TextConditioner`` gives every encoder its own Linear + LayerNorm into the DiT width
+and concatenates their tokens along the sequence.
 """
 
 from __future__ import annotations
@@ -51,15 +52,19 @@ class EncoderLayer(nn.Module):
 
 
 class ByteTextEncoder(nn.Module):
-    """Trainable byte-level encoder, the embedded default: captions -> (B, L, dim), mask."""
+    """Byte-level encoder, the embedded default: captions -> (B, L, dim), mask.
 
-    trainable = True
+    ``trainable=False`` keeps it at its seeded random init, a fixed random-feature encoder
+    that, like a frozen pretrained one, cannot collapse captions onto one context.
+    """
 
-    def __init__(self, dim: int, depth: int, heads: int, ffn_dim: int, max_length: int):
+    def __init__(self, dim: int, depth: int, heads: int, ffn_dim: int, max_length: int,
+                 trainable: bool = True):
         super().__init__()
         if dim % heads:
             raise ValueError(f"text encoder dim={dim} is not divisible by heads={heads}")
         self.dim = dim
+        self.trainable = trainable
         self.tokenizer = ByteTokenizer(max_length)
         self.embed = nn.Embedding(ByteTokenizer.vocab_size, dim)
         self.pos = nn.Parameter(torch.empty(max_length, dim))
@@ -96,6 +101,8 @@ class TextConditioner(nn.Module):
         if not encoders:
             raise ValueError("text.encoders is empty: configure at least one text encoder")
         self.encoders = nn.ModuleDict(encoders)
+        for encoder in encoders.values():
+            encoder.requires_grad_(encoder.trainable)
         self.projections = nn.ModuleDict({
             name: nn.Sequential(nn.Linear(enc.dim, width, bias=False), nn.LayerNorm(width))
             for name, enc in encoders.items()})
@@ -103,8 +110,7 @@ class TextConditioner(nn.Module):
     @torch.no_grad()
     def init_weights(self) -> None:
         for name, encoder in self.encoders.items():
-            if encoder.trainable:
-                encoder.init_weights()
+            encoder.init_weights()
             linear, norm = self.projections[name]
             nn.init.trunc_normal_(linear.weight, std=0.02)
             norm.reset_parameters()

@@ -47,3 +47,18 @@ def test_bad_settings_raise_named_errors():
         ByteTextEncoder(dim=30, depth=1, heads=4, ffn_dim=8, max_length=8)
     with pytest.raises(ValueError, match="text.encoders is empty"):
         TextConditioner({}, 8)
+
+
+def test_frozen_encoder_gets_no_gradient_but_its_projection_does():
+    frozen = ByteTextEncoder(dim=32, depth=1, heads=4, ffn_dim=64, max_length=16,
+                             trainable=False)
+    cond = TextConditioner({"byte": frozen}, width=32)
+    cond.init_weights()
+    before = {k: v.clone() for k, v in frozen.state_dict().items()}
+    tokens, _ = cond(["a red square", "a blue circle"])
+    tokens.square().sum().backward()
+    assert all(p.grad is None and not p.requires_grad for p in frozen.parameters())
+    assert all(p.grad is not None for p in cond.projections.parameters())
+    assert all(torch.equal(before[k], v) for k, v in frozen.state_dict().items())
+    # random features still tell captions apart
+    assert (tokens[0] - tokens[1]).norm() > 0.5 * tokens[0].norm()

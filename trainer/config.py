@@ -59,6 +59,7 @@ class ByteTextEncoderConfig:
     heads: int = 4
     ffn_dim: int = 512
     max_length: int = 64
+    trainable: bool = True
 
 
 @dataclass

@@ -31,3 +31,21 @@ def flow_matching_loss(model: TextToVideo, autoencoder: nn.Module, flow: FlowMat
     t = flow.sample_t(x1.shape[0], generator).to(x1.device)
     velocity = model(flow.interpolate(x0, x1, t), t, captions)
     return flow.loss(velocity, x0, x1)
+
+
+@torch.no_grad()
+def text_sensitivity(model: TextToVideo, autoencoder: nn.Module, flow: FlowMatching,
+                     video: torch.Tensor, captions: list[str],
+                     generator: torch.Generator) -> float:
+    """||v(x_t, caption) - v(x_t, "")|| / ||v(x_t, caption)|| at t = 0.5.
+
+    Near 0 means the model ignores its text (e.g. a text pathway collapsed onto one
+    context) even while the loss falls; classifier-free guidance then does nothing.
+    """
+    x1 = autoencoder.encode(video)
+    x0 = torch.randn(x1.shape, generator=generator).to(x1.device, x1.dtype)
+    t = torch.full((x1.shape[0],), 0.5, device=x1.device)
+    x_t = flow.interpolate(x0, x1, t)
+    conditional = model(x_t, t, captions)
+    unconditional = model(x_t, t, [""] * len(captions))
+    return ((conditional - unconditional).norm() / conditional.norm()).item()

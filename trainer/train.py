@@ -31,7 +31,7 @@ from trainer.config import (
 from trainer.data import build_datasets
 from trainer.ema import EMA
 from trainer.metrics import Monitor
-from trainer.objective import flow_matching_loss
+from trainer.objective import flow_matching_loss, text_sensitivity
 from trainer.optim import build_optimizer
 from trainer.sampling import generate, write_videos
 
@@ -97,17 +97,22 @@ def train_step(cfg, step, batch, model, autoencoder, flow, optimizer, scheduler,
 
 
 @torch.no_grad()
-def validation_loss(cfg, model, autoencoder, flow, val_data, device) -> float:
-    """Mean loss over the first ``val_batches`` held-out batches with fixed noise and t."""
+def validate(cfg, model, autoencoder, flow, val_data, device) -> dict[str, float]:
+    """Mean loss over the first ``val_batches`` held-out batches with fixed noise and t,
+    and the text sensitivity of the first batch."""
     batches = ShuffledBatches(val_data, cfg.recipe.batch_size, seed=0, shuffle=False)
     generator = torch.Generator().manual_seed(cfg.trainer.seed)
-    losses = []
-    for batch in islice(iter(batches), min(cfg.trainer.val_batches, batches.batches_per_epoch)):
+    count = min(cfg.trainer.val_batches, batches.batches_per_epoch)
+    losses, sensitivity = [], 0.0
+    for index, batch in enumerate(islice(iter(batches), count)):
+        video = batch["video"].to(device)
         with autocast(cfg, device):
-            losses.append(flow_matching_loss(model, autoencoder, flow,
-                                             batch["video"].to(device), batch["caption"],
+            losses.append(flow_matching_loss(model, autoencoder, flow, video, batch["caption"],
                                              generator).item())
-    return sum(losses) / len(losses)
+            if index == 0:
+                sensitivity = text_sensitivity(model, autoencoder, flow, video,
+                                               batch["caption"], generator)
+    return {"loss": sum(losses) / len(losses), "text_sensitivity": sensitivity}
 
 
 def sample_prompts(cfg, step, run_dir, model, autoencoder, latent_shape, monitor) -> None:
@@ -144,7 +149,8 @@ def train(cfg: TrainConfig, run_dir: Path, config_dict: dict) -> None:
     autoencoder = build_autoencoder(cfg, device)
     latent_shape = check_latent_fits(cfg, autoencoder)
     model, flow = build_model(cfg, device), build_flow(cfg)
-    optimizer, scheduler = build_optimizer(model.parameters(), cfg.recipe, cfg.trainer.max_steps)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer, scheduler = build_optimizer(trainable, cfg.recipe, cfg.trainer.max_steps)
     ema = EMA(model, cfg.recipe.ema_decay)
     train_data, val_data = build_datasets(cfg.data)
     batches = ShuffledBatches(train_data, cfg.recipe.batch_size, cfg.trainer.seed)
@@ -165,11 +171,12 @@ def train(cfg: TrainConfig, run_dir: Path, config_dict: dict) -> None:
         monitor.log_train_step(step, **metrics)
         last = step == cfg.trainer.max_steps
         if step % cfg.trainer.val_every == 0 or last:
-            val = validation_loss(cfg, model, autoencoder, flow, val_data, device)
+            val = validate(cfg, model, autoencoder, flow, val_data, device)
             with ema.swapped_in():
-                val_ema = validation_loss(cfg, model, autoencoder, flow, val_data, device)
-            monitor.record("val", step, loss=val, loss_ema=val_ema)
-            monitor.log_wandb({"val/loss": val, "val/loss_ema": val_ema}, step)
+                val |= {f"{k}_ema": v for k, v in
+                        validate(cfg, model, autoencoder, flow, val_data, device).items()}
+            monitor.record("val", step, **val)
+            monitor.log_wandb({f"val/{k}": v for k, v in val.items()}, step)
         if (step % cfg.trainer.sample_every == 0 or last) and cfg.trainer.sample_prompts:
             with ema.swapped_in():
                 sample_prompts(cfg, step, run_dir, model, autoencoder, latent_shape, monitor)
