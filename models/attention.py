@@ -27,8 +27,8 @@ def sdpa_attention(
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
-class SelfAttention(nn.Module):
-    """Bidirectional multi-head self-attention without biases: (B, L, D) -> (B, L, D)."""
+class Attention(nn.Module):
+    """Multi-head attention projections without biases, and the swappable kernel."""
 
     def __init__(self, width: int, heads: int):
         super().__init__()
@@ -39,38 +39,35 @@ class SelfAttention(nn.Module):
         self.wo = nn.Linear(width, width, bias=False)
         self.attention_fn: AttentionFn = sdpa_attention
 
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        return rearrange(x, "b l (h d) -> b h l d", h=self.heads)
+
+    def merge_heads(self, x: torch.Tensor) -> torch.Tensor:
+        return self.wo(rearrange(x, "b h l d -> b l (h d)"))
+
+
+class SelfAttention(Attention):
+    """Bidirectional self-attention: (B, L, D), optional key mask (B, 1, 1, L) -> (B, L, D)."""
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        q, k, v = (rearrange(w(x), "b l (h d) -> b h l d", h=self.heads)
-                   for w in (self.wq, self.wk, self.wv))
-        out = self.attention_fn(q, k, v, mask)
-        return self.wo(rearrange(out, "b h l d -> b l (h d)"))
+        q, k, v = (self.split_heads(w(x)) for w in (self.wq, self.wk, self.wv))
+        return self.merge_heads(self.attention_fn(q, k, v, mask))
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(Attention):
     """Queries from the video tokens, keys/values from the text context.
 
     x: (B, L, D), context: (B, Lc, D), context_mask: (B, Lc) bool (True = real token)
     -> (B, L, D).
     """
 
-    def __init__(self, width: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.wq = nn.Linear(width, width, bias=False)
-        self.wk = nn.Linear(width, width, bias=False)
-        self.wv = nn.Linear(width, width, bias=False)
-        self.wo = nn.Linear(width, width, bias=False)
-        self.attention_fn: AttentionFn = sdpa_attention
-
     def forward(
         self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None
     ) -> torch.Tensor:
-        q = rearrange(self.wq(x), "b l (h d) -> b h l d", h=self.heads)
-        k, v = (rearrange(w(context), "b l (h d) -> b h l d", h=self.heads)
-                for w in (self.wk, self.wv))
+        q = self.split_heads(self.wq(x))
+        k, v = self.split_heads(self.wk(context)), self.split_heads(self.wv(context))
         mask = None if context_mask is None else context_mask[:, None, None, :]
-        out = self.attention_fn(q, k, v, mask)
-        return self.wo(rearrange(out, "b h l d -> b l (h d)"))
+        return self.merge_heads(self.attention_fn(q, k, v, mask))
 
 
 class SwiGLU(nn.Module):
