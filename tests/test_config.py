@@ -1,5 +1,6 @@
 """Bad configs fail at start, through the real CLI, with the key and value named."""
 
+import os
 import subprocess
 
 import pytest
@@ -74,3 +75,12 @@ def test_value_range_checks():
 @pytest.mark.parametrize("model", ["dit_tiny", "dit_1b", "dit_5b", "dit_30b"])
 def test_every_model_option_composes(model):
     assert compose_train([f"model={model}"]).model.depth > 0
+
+
+def test_model_size_reports_30b_on_meta_and_writes_nothing(tmp_path):
+    result = subprocess.run(python_cmd("trainer.model_size", "model=dit_30b"), cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr
+    assert "29,260,492,800 parameters (29.26B" in result.stdout
+    assert list(tmp_path.iterdir()) == []

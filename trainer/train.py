@@ -161,6 +161,9 @@ def train(cfg: TrainConfig, run_dir: Path, config_dict: dict) -> None:
     step = restore(checkpointer, stateful)
     tokens_per_step = cfg.recipe.batch_size * math.prod(model.dit.grid(latent_shape))
     monitor = Monitor(cfg, run_dir, config_dict, step, tokens_per_step)
+    monitor.write(f"{sum(p.numel() for p in trainable):,} trainable of "
+                  f"{sum(p.numel() for p in model.parameters()):,} parameters; "
+                  f"{tokens_per_step:,} video tokens per step; run dir {run_dir}")
     data_iter = iter(batches)
     while step < cfg.trainer.max_steps:
         with monitor.waiting_for_data():

@@ -1,0 +1,55 @@
+"""``python -m trainer.model_size model=dit_30b [data.frames=256 ...]``: size of a model.
+
+Builds the configured DiT on the meta device (no memory is allocated, so the 30B model
+is instant) and prints its parameter count, counted from the module and from the closed
+form, and the training FLOPs of one sample at the configured data shape.
+"""
+
+from __future__ import annotations
+
+import math
+
+import hydra
+import torch
+from omegaconf import DictConfig
+
+from models.costs import dit_forward_flops, dit_parameter_count
+from models.dit import DiT
+from trainer.build import build_autoencoder
+from trainer.config import ConfigError, check_latent_fits, register_configs, to_train_config
+
+
+def describe(cfg) -> list[str]:
+    with torch.device("meta"):
+        dit = DiT(cfg.model)
+    counted = sum(p.numel() for p in dit.parameters())
+    m = cfg.model
+    lines = [f"DiT {m.depth} layers / width {m.width} / FFN {m.ffn_dim} / {m.heads} heads: "
+             f"{counted:,} parameters ({counted / 1e9:.2f}B; closed form "
+             f"{dit_parameter_count(m):,})"]
+    try:
+        latent = check_latent_fits(cfg, build_autoencoder(cfg, torch.device("meta")))
+    except ConfigError as error:
+        return [*lines, f"no FLOP count for this data shape: {error}"]
+    tokens = math.prod(dit.grid(latent))
+    context = sum(e.max_length for e in cfg.text.encoders.values())
+    flops = 3 * dit_forward_flops(m, tokens, context)
+    lines.append(f"one {cfg.data.frames}x{cfg.data.height}x{cfg.data.width} sample = latent "
+                 f"{tuple(latent)} = {tokens:,} tokens (+{context} text): "
+                 f"{flops / 1e12:.3f} TFLOP per training step (forward + backward)")
+    return lines
+
+
+register_configs()
+
+
+@hydra.main(version_base=None, config_path="../conf", config_name="model_size")
+def main(cfg: DictConfig) -> None:
+    try:
+        print("\n".join(describe(to_train_config(cfg))))
+    except ConfigError as error:
+        raise SystemExit(f"config error: {error}") from None
+
+
+if __name__ == "__main__":
+    main()
