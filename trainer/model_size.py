@@ -13,7 +13,7 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from models.costs import dit_forward_flops, dit_parameter_count
+from models.costs import dit_parameter_count, dit_train_flops
 from models.dit import DiT
 from trainer.build import build_autoencoder
 from trainer.config import ConfigError, check_latent_fits, register_configs, to_train_config
@@ -33,7 +33,7 @@ def describe(cfg) -> list[str]:
         return [*lines, f"no FLOP count for this data shape: {error}"]
     tokens = math.prod(dit.grid(latent))
     context = sum(e.max_length for e in cfg.text.encoders.values())
-    flops = 3 * dit_forward_flops(m, tokens, context)
+    flops = dit_train_flops(m, tokens, context)
     lines.append(f"one {cfg.data.frames}x{cfg.data.height}x{cfg.data.width} sample = latent "
                  f"{tuple(latent)} = {tokens:,} tokens (+{context} text): "
                  f"{flops / 1e12:.3f} TFLOP per training step (forward + backward)")
