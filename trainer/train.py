@@ -115,6 +115,16 @@ def validate(cfg, model, autoencoder, flow, val_data, device) -> dict[str, float
     return {"loss": sum(losses) / len(losses), "text_sensitivity": sensitivity}
 
 
+def log_validation(cfg, step, model, ema, autoencoder, flow, val_data, device, monitor) -> None:
+    """Validate with the training weights and with the EMA weights (the ones sampled)."""
+    val = validate(cfg, model, autoencoder, flow, val_data, device)
+    with ema.swapped_in():
+        ema_val = validate(cfg, model, autoencoder, flow, val_data, device)
+    val |= {f"{k}_ema": v for k, v in ema_val.items()}
+    monitor.record("val", step, **val)
+    monitor.log_wandb({f"val/{k}": v for k, v in val.items()}, step)
+
+
 def sample_prompts(cfg, step, run_dir, model, autoencoder, latent_shape, monitor) -> None:
     prompts = list(cfg.trainer.sample_prompts)
     videos = generate(model, autoencoder, prompts, latent_shape, cfg.trainer.sample_steps,
@@ -174,12 +184,7 @@ def train(cfg: TrainConfig, run_dir: Path, config_dict: dict) -> None:
         monitor.log_train_step(step, **metrics)
         last = step == cfg.trainer.max_steps
         if step % cfg.trainer.val_every == 0 or last:
-            val = validate(cfg, model, autoencoder, flow, val_data, device)
-            with ema.swapped_in():
-                val |= {f"{k}_ema": v for k, v in
-                        validate(cfg, model, autoencoder, flow, val_data, device).items()}
-            monitor.record("val", step, **val)
-            monitor.log_wandb({f"val/{k}": v for k, v in val.items()}, step)
+            log_validation(cfg, step, model, ema, autoencoder, flow, val_data, device, monitor)
         if (step % cfg.trainer.sample_every == 0 or last) and cfg.trainer.sample_prompts:
             with ema.swapped_in():
                 sample_prompts(cfg, step, run_dir, model, autoencoder, latent_shape, monitor)
