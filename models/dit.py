@@ -57,6 +57,26 @@ class DiTConfig:
         return self.patch_t * self.patch_h * self.patch_w
 
 
+def patch_grid(cfg: DiTConfig, latent_shape: tuple[int, ...]) -> tuple[int, int, int]:
+    """Patch grid (Tp, Hp, Wp) of a (C, T, H, W) latent; a clear error if it does not fit."""
+    channels, *sizes = latent_shape
+    if channels != cfg.in_channels:
+        raise ValueError(f"model.in_channels={cfg.in_channels} does not match the {channels} "
+                         f"latent channels of the input; set model.in_channels={channels}")
+    grid = []
+    for axis, size in zip("thw", sizes, strict=True):
+        patch = getattr(cfg, f"patch_{axis}")
+        limit = getattr(cfg, f"max_patches_{axis}")
+        if size % patch:
+            raise ValueError(f"model.patch_{axis}={patch} does not divide the latent "
+                             f"{axis}-size {size}")
+        if size // patch > limit:
+            raise ValueError(f"latent {axis}-size {size} / model.patch_{axis}={patch} = "
+                             f"{size // patch} patches exceeds model.max_patches_{axis}={limit}")
+        grid.append(size // patch)
+    return tuple(grid)
+
+
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x (B, L, D), shift/scale (B, D)."""
     return x * (1 + scale[:, None]) + shift[:, None]
@@ -163,23 +183,6 @@ class DiT(nn.Module):
         nn.init.zeros_(self.final.modulation)
         nn.init.zeros_(self.final.proj.weight)
 
-    def grid(self, latent_shape: tuple[int, ...]) -> tuple[int, int, int]:
-        """Patch grid (Tp, Hp, Wp) of a (C, T, H, W) latent; a clear error if it does not fit."""
-        cfg = self.cfg
-        c, t, h, w = latent_shape
-        if c != cfg.in_channels:
-            raise ValueError(f"latent has {c} channels but model.in_channels={cfg.in_channels}")
-        for size, patch, limit, name in ((t, cfg.patch_t, cfg.max_patches_t, "t"),
-                                         (h, cfg.patch_h, cfg.max_patches_h, "h"),
-                                         (w, cfg.patch_w, cfg.max_patches_w, "w")):
-            if size % patch:
-                raise ValueError(f"latent {name}-size {size} is not divisible by "
-                                 f"model.patch_{name}={patch}")
-            if size // patch > limit:
-                raise ValueError(f"latent {name}-size {size} gives {size // patch} patches, "
-                                 f"more than model.max_patches_{name}={limit}")
-        return t // cfg.patch_t, h // cfg.patch_h, w // cfg.patch_w
-
     def position_embedding(self, tp: int, hp: int, wp: int) -> torch.Tensor:
         """Sum of the factorised tables over the grid, t-major order: (Tp*Hp*Wp, D)."""
         pos = (self.pos_t[:tp, None, None] + self.pos_h[None, :hp, None]
@@ -204,7 +207,7 @@ class DiT(nn.Module):
         context: torch.Tensor,
         context_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        grid = self.grid(tuple(x.shape[1:]))
+        grid = patch_grid(self.cfg, tuple(x.shape[1:]))
         h = self.patch_embed(self.patchify(x))
         pos = self.position_embedding(*grid)
         c = self.time_embed(t)

@@ -86,9 +86,9 @@ def test_no_biases_anywhere():
 
 def test_bad_latent_shapes_name_the_numbers():
     model = built()
-    with pytest.raises(ValueError, match="h-size 5 is not divisible by model.patch_h=2"):
+    with pytest.raises(ValueError, match="model.patch_h=2 does not divide the latent h-size 5"):
         model(*inputs(1, 2, 5, 4))
-    with pytest.raises(ValueError, match="more than model.max_patches_w=8"):
+    with pytest.raises(ValueError, match="exceeds model.max_patches_w=8"):
         model(*inputs(1, 2, 4, 18))
     with pytest.raises(ValueError, match="model.in_channels=4"):
         model(torch.randn(1, 3, 1, 2, 2), *inputs(1, 1, 2, 2)[1:])

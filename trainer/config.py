@@ -16,7 +16,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from models.dit import DiTConfig
+from models.dit import DiTConfig, patch_grid
 
 
 class ConfigError(ValueError):
@@ -198,19 +198,10 @@ def check_latent_fits(cfg: TrainConfig, autoencoder: Any) -> tuple[int, int, int
     except ValueError as error:
         raise ConfigError(f"data.frames/height/width={data.frames}/{data.height}/{data.width}"
                           f" do not fit the autoencoder: {error}") from error
-    channels, *sizes = latent
-    if model.in_channels != channels:
-        raise ConfigError(f"model.in_channels={model.in_channels} does not match the "
-                          f"autoencoder's {channels} latent channels; set "
-                          f"model.in_channels={channels}")
-    for axis, size in zip("thw", sizes, strict=True):
-        patch = getattr(model, f"patch_{axis}")
-        limit = getattr(model, f"max_patches_{axis}")
-        if size % patch:
-            raise ConfigError(f"model.patch_{axis}={patch} does not divide the latent "
-                              f"{axis}-size {size} (from data and autoencoder settings)")
-        if size // patch > limit:
-            raise ConfigError(f"latent {axis}-size {size} / model.patch_{axis}={patch} = "
-                              f"{size // patch} patches exceeds model.max_patches_{axis}="
-                              f"{limit}")
+    try:
+        patch_grid(model, latent)
+    except ValueError as error:
+        raise ConfigError(f"{error} (latent {tuple(latent)} from data.frames/height/width="
+                          f"{data.frames}/{data.height}/{data.width} through the "
+                          f"autoencoder)") from error
     return latent

@@ -14,7 +14,7 @@ import torch
 from omegaconf import DictConfig
 
 from models.costs import dit_parameter_count, dit_train_flops
-from models.dit import DiT
+from models.dit import DiT, patch_grid
 from trainer.build import build_autoencoder
 from trainer.config import ConfigError, check_latent_fits, register_configs, to_train_config
 
@@ -31,7 +31,7 @@ def describe(cfg) -> list[str]:
         latent = check_latent_fits(cfg, build_autoencoder(cfg, torch.device("meta")))
     except ConfigError as error:
         return [*lines, f"no FLOP count for this data shape: {error}"]
-    tokens = math.prod(dit.grid(latent))
+    tokens = math.prod(patch_grid(cfg.model, latent))
     context = sum(e.max_length for e in cfg.text.encoders.values())
     flops = dit_train_flops(m, tokens, context)
     lines.append(f"one {cfg.data.frames}x{cfg.data.height}x{cfg.data.width} sample = latent "

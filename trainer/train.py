@@ -19,6 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from data.loader import ShuffledBatches
+from models.dit import patch_grid
 from trainer.build import build_autoencoder, build_flow, build_model
 from trainer.checkpoint import Checkpointer
 from trainer.config import (
@@ -169,7 +170,7 @@ def train(cfg: TrainConfig, run_dir: Path, config_dict: dict) -> None:
     stateful = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "ema": ema,
                 "data": batches, "guard": guard}
     step = restore(checkpointer, stateful)
-    tokens_per_step = cfg.recipe.batch_size * math.prod(model.dit.grid(latent_shape))
+    tokens_per_step = cfg.recipe.batch_size * math.prod(patch_grid(cfg.model, latent_shape))
     monitor = Monitor(cfg, run_dir, config_dict, step, tokens_per_step)
     monitor.write(f"{sum(p.numel() for p in trainable):,} trainable of "
                   f"{sum(p.numel() for p in model.parameters()):,} parameters; "
