@@ -33,6 +33,7 @@ class Attention(nn.Module):
     def __init__(self, width: int, heads: int):
         super().__init__()
         self.heads = heads
+        self.head_dim = width // heads
         self.wq = nn.Linear(width, width, bias=False)
         self.wk = nn.Linear(width, width, bias=False)
         self.wv = nn.Linear(width, width, bias=False)
@@ -40,7 +41,9 @@ class Attention(nn.Module):
         self.attention_fn: AttentionFn = sdpa_attention
 
     def split_heads(self, x: torch.Tensor) -> torch.Tensor:
-        return rearrange(x, "b l (h d) -> b h l d", h=self.heads)
+        # Split by head size, not head count: under tensor parallelism a rank holds a
+        # subset of the heads.
+        return rearrange(x, "b l (h d) -> b h l d", d=self.head_dim)
 
     def merge_heads(self, x: torch.Tensor) -> torch.Tensor:
         return self.wo(rearrange(x, "b h l d -> b l (h d)"))

@@ -104,6 +104,21 @@ class TimeEmbedding(nn.Module):
         return self.fc2(nn.functional.silu(self.fc1(features)))
 
 
+class PositionEmbedding(nn.Module):
+    """Learnable factorised T/H/W tables: grid (Tp, Hp, Wp) -> (Tp*Hp*Wp, D), t-major."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.t = nn.Parameter(torch.empty(cfg.max_patches_t, cfg.width))
+        self.h = nn.Parameter(torch.empty(cfg.max_patches_h, cfg.width))
+        self.w = nn.Parameter(torch.empty(cfg.max_patches_w, cfg.width))
+
+    def forward(self, grid: tuple[int, int, int]) -> torch.Tensor:
+        tp, hp, wp = grid
+        pos = self.t[:tp, None, None] + self.h[None, :hp, None] + self.w[None, None, :wp]
+        return pos.flatten(0, 2)
+
+
 class DiTBlock(nn.Module):
     """One transformer block. x (B, L, D), modulation (B, 6, D) -> (B, L, D)."""
 
@@ -156,9 +171,7 @@ class DiT(nn.Module):
         self.cfg = cfg
         d = cfg.width
         self.patch_embed = nn.Linear(cfg.patch_volume * cfg.in_channels, d, bias=False)
-        self.pos_t = nn.Parameter(torch.empty(cfg.max_patches_t, d))
-        self.pos_h = nn.Parameter(torch.empty(cfg.max_patches_h, d))
-        self.pos_w = nn.Parameter(torch.empty(cfg.max_patches_w, d))
+        self.pos_embed = PositionEmbedding(cfg)
         self.time_embed = TimeEmbedding(cfg.time_freq_dim, d)
         self.time_modulation = nn.Linear(d, 6 * d, bias=False)
         self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
@@ -172,7 +185,7 @@ class DiT(nn.Module):
                 nn.init.trunc_normal_(module.weight, std=0.02)
             elif isinstance(module, nn.RMSNorm) and module.weight is not None:
                 nn.init.ones_(module.weight)
-        for table in (self.pos_t, self.pos_h, self.pos_w):
+        for table in self.pos_embed.parameters():
             nn.init.normal_(table, std=0.02)
         # adaLN-zero: gates, shifts and scales start at 0, so every block starts as the
         # identity; cross-attention is not gated, so its output projection starts at 0.
@@ -182,12 +195,6 @@ class DiT(nn.Module):
             nn.init.zeros_(block.cross_attn.wo.weight)
         nn.init.zeros_(self.final.modulation)
         nn.init.zeros_(self.final.proj.weight)
-
-    def position_embedding(self, tp: int, hp: int, wp: int) -> torch.Tensor:
-        """Sum of the factorised tables over the grid, t-major order: (Tp*Hp*Wp, D)."""
-        pos = (self.pos_t[:tp, None, None] + self.pos_h[None, :hp, None]
-               + self.pos_w[None, None, :wp])
-        return pos.flatten(0, 2)
 
     def patchify(self, x: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
@@ -209,7 +216,7 @@ class DiT(nn.Module):
     ) -> torch.Tensor:
         grid = patch_grid(self.cfg, tuple(x.shape[1:]))
         h = self.patch_embed(self.patchify(x))
-        pos = self.position_embedding(*grid)
+        pos = self.pos_embed(grid)
         c = self.time_embed(t)
         modulation = self.time_modulation(nn.functional.silu(c)).unflatten(1, (6, -1))
         for block in self.blocks:

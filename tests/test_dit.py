@@ -55,7 +55,7 @@ def test_position_tables_are_added_before_every_block():
     for block in model.blocks:
         block.register_forward_hook(record)
     model(x, t, ctx, mask)
-    pos = model.position_embedding(2, 2, 3)
+    pos = model.pos_embed((2, 2, 3))
     first = model.patch_embed(model.patchify(x)) + pos
     torch.testing.assert_close(seen_inputs[0], first, rtol=0, atol=0)
     for i in range(1, TINY.depth):
@@ -64,8 +64,9 @@ def test_position_tables_are_added_before_every_block():
 
 def test_position_embedding_is_factorised_t_major():
     model = built()
-    pos = model.position_embedding(2, 3, 4).view(2, 3, 4, -1)
-    torch.testing.assert_close(pos[1, 2, 3], model.pos_t[1] + model.pos_h[2] + model.pos_w[3])
+    pos = model.pos_embed((2, 3, 4)).view(2, 3, 4, -1)
+    tables = model.pos_embed
+    torch.testing.assert_close(pos[1, 2, 3], tables.t[1] + tables.h[2] + tables.w[3])
 
 
 def test_text_changes_output_and_padding_mask_is_honoured():
