@@ -2,8 +2,10 @@
 
 Every epoch is a fresh permutation drawn from (seed, epoch); a data-parallel rank takes
 every ``dp_size``-th batch-sized slice of it, so ranks see disjoint samples. The state is
-(epoch, batches consumed in the epoch): after ``load_state_dict`` the iterator continues
-with exactly the next batch, no sample repeated or skipped.
+(epoch, global batches consumed in the epoch): after ``load_state_dict`` the iterator
+continues with exactly the next global batch, no sample repeated or skipped. A global
+batch is the same samples however it is split, so resuming with a different number of
+data-parallel ranks is exact as long as the global batch size is unchanged.
 """
 
 from __future__ import annotations
@@ -60,12 +62,16 @@ class ShuffledBatches:
             self.epoch += 1
             self.position = 0
 
+    @property
+    def global_batch_size(self) -> int:
+        return self.batch_size * self.dp_size
+
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position, "dp_size": self.dp_size,
-                "batch_size": self.batch_size, "seed": self.seed}
+        return {"epoch": self.epoch, "position": self.position,
+                "global_batch_size": self.global_batch_size, "seed": self.seed}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        for key in ("dp_size", "batch_size", "seed"):
+        for key in ("global_batch_size", "seed"):
             if state[key] != getattr(self, key):
                 raise ValueError(f"cannot resume the data position: the checkpoint was "
                                  f"written with {key}={state[key]}, this run has "

@@ -20,6 +20,7 @@ from einops import rearrange
 from torch import nn
 
 from models.attention import CrossAttention, SelfAttention, SwiGLU
+from models.init import init_parameters
 
 
 @dataclass
@@ -177,24 +178,14 @@ class DiT(nn.Module):
         self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
         self.final = FinalLayer(cfg)
 
-    @torch.no_grad()
-    def init_weights(self) -> None:
-        """Deterministic init given the global seed; works after ``to_empty`` from meta."""
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.trunc_normal_(module.weight, std=0.02)
-            elif isinstance(module, nn.RMSNorm) and module.weight is not None:
-                nn.init.ones_(module.weight)
-        for table in self.pos_embed.parameters():
-            nn.init.normal_(table, std=0.02)
-        # adaLN-zero: gates, shifts and scales start at 0, so every block starts as the
-        # identity; cross-attention is not gated, so its output projection starts at 0.
-        nn.init.zeros_(self.time_modulation.weight)
-        for block in self.blocks:
-            nn.init.zeros_(block.modulation)
-            nn.init.zeros_(block.cross_attn.wo.weight)
-        nn.init.zeros_(self.final.modulation)
-        nn.init.zeros_(self.final.proj.weight)
+    # adaLN-zero: gates, shifts and scales start at 0, so every block starts as the
+    # identity; cross-attention is not gated, so its output projection starts at 0.
+    zero_init = ("time_modulation.weight", "blocks.*.modulation",
+                 "blocks.*.cross_attn.wo.weight", "final.modulation", "final.proj.weight")
+
+    def init_weights(self, seed: int = 0) -> None:
+        """Deterministic init from (seed, parameter name); works after ``to_empty``."""
+        init_parameters(self, seed)
 
     def patchify(self, x: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg

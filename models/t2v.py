@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from models.dit import DiT
+from models.init import init_parameters
 from models.text import TextConditioner
 
 
@@ -19,9 +20,9 @@ class TextToVideo(nn.Module):
         self.dit = dit
         self.text = text
 
-    def init_weights(self) -> None:
-        self.dit.init_weights()
-        self.text.init_weights()
+    def init_weights(self, seed: int = 0) -> None:
+        """Deterministic init from (seed, parameter name); works after ``to_empty``."""
+        init_parameters(self, seed)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, captions: list[str]) -> torch.Tensor:
         context, mask = self.text(captions)

@@ -3,7 +3,7 @@
 An encoder maps captions to tokens: ``encode(captions) -> (tokens (B, L, E), mask (B, L))``
 with ``mask`` True on real tokens, and exposes ``dim`` (E) and ``trainable``. The embedded
 default is a byte-level (ByT5-style) tokenizer with a small transformer, so nothing is
-downloaded. Encoders also expose ``init_weights`` (a pretrained one keeps its weights).
+downloaded. Weights are initialised by ``models.init`` from (seed, parameter name).
 ``TextConditioner`` gives every encoder its own Linear + LayerNorm into the DiT width
 and concatenates their tokens along the sequence.
 """
@@ -71,16 +71,6 @@ class ByteTextEncoder(nn.Module):
         self.layers = nn.ModuleList(EncoderLayer(dim, heads, ffn_dim) for _ in range(depth))
         self.norm = nn.RMSNorm(dim, eps=1e-6)
 
-    @torch.no_grad()
-    def init_weights(self) -> None:
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.trunc_normal_(module.weight, std=0.02)
-            elif isinstance(module, nn.RMSNorm):
-                nn.init.ones_(module.weight)
-        nn.init.normal_(self.embed.weight, std=0.02)
-        nn.init.normal_(self.pos, std=0.02)
-
     def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         ids, mask = self.tokenizer(captions)
         ids, mask = ids.to(self.pos.device), mask.to(self.pos.device)
@@ -106,14 +96,6 @@ class TextConditioner(nn.Module):
         self.projections = nn.ModuleDict({
             name: nn.Sequential(nn.Linear(enc.dim, width, bias=False), nn.LayerNorm(width))
             for name, enc in encoders.items()})
-
-    @torch.no_grad()
-    def init_weights(self) -> None:
-        for name, encoder in self.encoders.items():
-            encoder.init_weights()
-            linear, norm = self.projections[name]
-            nn.init.trunc_normal_(linear.weight, std=0.02)
-            norm.reset_parameters()
 
     def forward(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         tokens, masks = [], []

@@ -129,6 +129,14 @@ class ParallelContext:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def mean_over_dp(self, value: torch.Tensor) -> float:
+        """Mean of a per-replica value over the data-parallel replicas (gloo has no AVG)."""
+        if not self.distributed or self.dp_size == 1:
+            return value.item()
+        total = value.detach().float().clone()
+        dist.all_reduce(total, group=self.group("dp"))
+        return total.item() / self.dp_size
+
 
 def backend_for(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"

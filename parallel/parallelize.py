@@ -1,16 +1,26 @@
-"""Apply parallelism and memory/speed switches to a built (possibly meta) DiT, from outside.
+"""Apply parallelism and memory/speed switches to a model built on meta, from outside.
 
-The torchtitan pattern: the model file defines the math, this file decides how it runs.
-Today: activation checkpointing (none / full / every k-th block) and per-block
-torch.compile; the mesh-based plans plug in here.
+The torchtitan pattern: model files define the math, this file decides how it runs.
+Order: tensor/sequence parallel (DTensor plans) -> context parallel (token sharding hooks
+and the attention seam) -> activation checkpointing -> per-block compile -> FSDP2. Then
+``materialise`` allocates each rank's shards and fills them parameter by parameter with
+exactly the single-process initial values.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 from torch.distributed._composable import checkpoint
+from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 
 from models.dit import DiT
+from models.init import initial_value
+from models.t2v import TextToVideo
+from parallel.context_parallel import SequenceShards, context_parallel_attention
+from parallel.fsdp import apply_fsdp, needs_fsdp
+from parallel.mesh import ParallelContext
+from parallel.tensor_parallel import apply_tensor_parallel
 
 
 def apply_activation_checkpointing(dit: DiT, mode: str, every: int = 1) -> None:
@@ -33,8 +43,57 @@ def compile_blocks(dit: DiT) -> None:
         block.compile()
 
 
-def parallelize_dit(dit: nn.Module, activation_checkpointing: str, checkpoint_every: int,
-                    compile: bool) -> None:
+def _shard_local(shards: SequenceShards, x: torch.Tensor, dim: int) -> torch.Tensor:
+    """``shards.shard`` on a plain tensor or on the local value of a Replicate DTensor."""
+    if isinstance(x, DTensor):
+        local = shards.shard(x.to_local(), dim)
+        return DTensor.from_local(local, x.device_mesh, [Replicate()], run_check=False)
+    return shards.shard(x, dim)
+
+
+def apply_context_parallel(dit: DiT, ctx: ParallelContext, mode: str) -> None:
+    """Each cp rank runs the blocks on its contiguous slice of the tokens.
+
+    The patch tokens and the position table are sliced (padded to a multiple of cp; the
+    padding is masked inside attention), self-attention goes through the chosen CP kernel,
+    and the final layer's output is gathered, so the loss sees every token on every rank.
+    """
+    shards = SequenceShards(ctx.group("cp"))
+    attention = context_parallel_attention(mode, shards)
+    for block in dit.blocks:
+        block.attn.attention_fn = attention
+    # prepend: slice before the tensor-parallel hooks turn the tensors into DTensors
+    dit.patch_embed.register_forward_pre_hook(
+        lambda _, args: (_shard_local(shards, args[0], 1),), prepend=True)
+    dit.pos_embed.register_forward_hook(
+        lambda _, args, out: _shard_local(shards, out, 0), prepend=True)
+    dit.final.register_forward_hook(lambda _, args, out: shards.gather(out, 1))
+
+
+def parallelize_model(model: TextToVideo, ctx: ParallelContext, *, cp_mode: str,
+                      activation_checkpointing: str, checkpoint_every: int, compile: bool,
+                      param_dtype: torch.dtype) -> None:
+    """Apply every configured parallelism to the meta model in place."""
+    dit = model.dit
+    if ctx.dims.tp > 1:
+        apply_tensor_parallel(dit, ctx.submesh("tp"))
+    if ctx.dims.cp > 1:
+        apply_context_parallel(dit, ctx, cp_mode)
     apply_activation_checkpointing(dit, activation_checkpointing, checkpoint_every)
     if compile:
         compile_blocks(dit)
+    if needs_fsdp(ctx):
+        apply_fsdp(model, ctx, param_dtype)
+
+
+@torch.no_grad()
+def materialise(model: nn.Module, device: torch.device, seed: int) -> None:
+    """Allocate this rank's shards on ``device`` and fill them with the single-process
+    initial values, one full parameter at a time (never the whole model)."""
+    model.to_empty(device=device)
+    for name, param in model.named_parameters():
+        full = initial_value(model, name, param.shape, seed).to(device, param.dtype)
+        if isinstance(param, DTensor):
+            full = distribute_tensor(full, param.device_mesh, param.placements,
+                                     src_data_rank=None)
+        param.copy_(full)

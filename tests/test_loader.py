@@ -44,12 +44,25 @@ def test_data_parallel_ranks_are_disjoint_and_complete():
     assert sorted(ranks[0] + ranks[1]) == sorted(f"k{i:03d}" for i in range(48))
 
 
-def test_resume_with_other_batch_or_dp_size_is_refused():
+def test_resume_at_another_dp_size_with_the_same_global_batch_is_exact():
+    single = ShuffledBatches(Keys(48), batch_size=4, seed=2)
+    head = keys(single, 5)
+    reference = keys(ShuffledBatches(Keys(48), batch_size=4, seed=2), 11)
+    halves = [ShuffledBatches(Keys(48), batch_size=2, seed=2, dp_rank=r, dp_size=2)
+              for r in range(2)]
+    for half in halves:
+        half.load_state_dict(single.state_dict())
+    steps = [keys(half, 6) for half in halves]  # 2 keys per step per rank
+    merged = [k for step in range(6) for r in range(2) for k in steps[r][2 * step: 2 * step + 2]]
+    assert head + merged == reference
+
+
+def test_resume_with_other_global_batch_or_seed_is_refused():
     state = ShuffledBatches(Keys(40), batch_size=4, seed=0).state_dict()
-    with pytest.raises(ValueError, match="dp_size=1, this run has dp_size=2"):
-        ShuffledBatches(Keys(40), batch_size=4, seed=0, dp_rank=0, dp_size=2).load_state_dict(state)
-    with pytest.raises(ValueError, match="batch_size=4, this run has batch_size=5"):
-        ShuffledBatches(Keys(40), batch_size=5, seed=0).load_state_dict(state)
+    with pytest.raises(ValueError, match="global_batch_size=4, this run has global_batch_size=6"):
+        ShuffledBatches(Keys(40), batch_size=3, seed=0, dp_rank=0, dp_size=2).load_state_dict(state)
+    with pytest.raises(ValueError, match="seed=0, this run has seed=1"):
+        ShuffledBatches(Keys(40), batch_size=4, seed=1).load_state_dict(state)
 
 
 def test_dataset_smaller_than_a_batch_is_a_clear_error():

@@ -1,12 +1,13 @@
 import pytest
 import torch
 
+from models.init import init_parameters
 from models.text import ByteTextEncoder, ByteTokenizer, TextConditioner
 
 
 def encoder(dim=32, max_length=16):
     enc = ByteTextEncoder(dim=dim, depth=2, heads=4, ffn_dim=64, max_length=max_length)
-    enc.init_weights()
+    init_parameters(enc, seed=0)
     return enc
 
 
@@ -20,7 +21,7 @@ def test_byte_tokenizer_is_byt5_style():
 
 def test_conditioner_concatenates_projected_encoders():
     cond = TextConditioner({"a": encoder(32, 16), "b": encoder(48, 8)}, width=64)
-    cond.init_weights()
+    init_parameters(cond, seed=0)
     tokens, mask = cond(["a red square", "x"])
     assert tokens.shape == (2, 24, 64) and mask.shape == (2, 24)
     assert mask[0, :13].all() and not mask[0, 13:16].any() and mask[0, 16:].any()
@@ -53,7 +54,7 @@ def test_frozen_encoder_gets_no_gradient_but_its_projection_does():
     frozen = ByteTextEncoder(dim=32, depth=1, heads=4, ffn_dim=64, max_length=16,
                              trainable=False)
     cond = TextConditioner({"byte": frozen}, width=32)
-    cond.init_weights()
+    init_parameters(cond, seed=0)
     before = {k: v.clone() for k, v in frozen.state_dict().items()}
     tokens, _ = cond(["a red square", "a blue circle"])
     tokens.square().sum().backward()

@@ -103,8 +103,8 @@ def test_sigkill_and_resume_is_bitwise_identical(tmp_path):
     assert train_losses(killed) == expected  # exact float equality, every step
 
     # Damage the newest checkpoint: the run falls back to the previous one and recomputes.
-    state = killed / "checkpoints" / "step_00000040" / "state.pt"
-    state.write_bytes(state.read_bytes()[:1000])
+    shard = next((killed / "checkpoints" / "step_00000040" / "tensors").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:1000])
     (killed / "metrics.jsonl").unlink()
     result = run(train_cmd(killed, "trainer.max_steps=40", *QUIET))
     assert "skipping damaged checkpoint" in result.stdout + result.stderr

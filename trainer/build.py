@@ -1,7 +1,7 @@
 """Build the run's components from the validated config: model on meta, then materialise.
 
-The parallel layer's place is between the two: modules are sharded while they are still
-on the meta device, so no process ever holds more than its shard.
+The parallel layer works between the two: modules are sharded while they are still on the
+meta device, then each rank allocates and fills only its shards.
 """
 
 from __future__ import annotations
@@ -13,8 +13,15 @@ from models.dit import DiT
 from models.flow import FlowMatching
 from models.t2v import TextToVideo
 from models.text import TextConditioner
-from parallel.parallelize import parallelize_dit
-from trainer.config import TrainConfig
+from parallel.mesh import MeshDims, ParallelContext
+from parallel.parallelize import materialise, parallelize_model
+from trainer.config import Engine, Precision, TrainConfig
+
+DTYPES = {Precision.fp32: torch.float32, Precision.bf16: torch.bfloat16}
+
+
+def single_process(device: torch.device) -> ParallelContext:
+    return ParallelContext(MeshDims(dp_shard=1), 0, 1, device)
 
 
 def build_autoencoder(cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
@@ -23,18 +30,20 @@ def build_autoencoder(cfg: TrainConfig, device: torch.device) -> torch.nn.Module
     return autoencoder.eval()
 
 
-def build_model(cfg: TrainConfig, device: torch.device) -> TextToVideo:
-    """Text conditioner + DiT, built on meta, parallelised, then initialised on ``device``.
-
-    Initialisation draws from the global RNG: seed it first for a reproducible model.
-    """
+def build_model(cfg: TrainConfig, ctx: ParallelContext) -> TextToVideo:
+    """Text conditioner + DiT: built on meta, parallelised for ``ctx``, then materialised
+    with the initial values of ``cfg.trainer.seed``. Under DeepSpeed the model is returned
+    whole; its engine partitions it."""
     with torch.device("meta"):
         encoders = {name: instantiate(encoder) for name, encoder in cfg.text.encoders.items()}
         model = TextToVideo(DiT(cfg.model), TextConditioner(encoders, cfg.model.width))
-    parallelize_dit(model.dit, cfg.parallel.activation_checkpointing.value,
-                    cfg.parallel.checkpoint_every, cfg.parallel.compile)
-    model.to_empty(device=device)
-    model.init_weights()
+    par = cfg.parallel
+    parallel_ctx = ctx if par.engine is Engine.fsdp2 else single_process(ctx.device)
+    parallelize_model(model, parallel_ctx, cp_mode=par.cp_mode.value,
+                      activation_checkpointing=par.activation_checkpointing.value,
+                      checkpoint_every=par.checkpoint_every, compile=par.compile,
+                      param_dtype=DTYPES[par.param_dtype])
+    materialise(model, ctx.device, cfg.trainer.seed)
     return model
 
 

@@ -17,6 +17,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from models.dit import DiTConfig, patch_grid
+from parallel.mesh import MeshDims
 
 
 class ConfigError(ValueError):
@@ -37,6 +38,17 @@ class WandbMode(Enum):
     offline = "offline"
     online = "online"
     disabled = "disabled"
+
+
+class CPMode(Enum):
+    allgather_kv = "allgather_kv"
+    ulysses = "ulysses"
+    ring = "ring"
+
+
+class Engine(Enum):
+    fsdp2 = "fsdp2"
+    deepspeed = "deepspeed"
 
 
 class ActivationCheckpointing(Enum):
@@ -81,6 +93,17 @@ class SyntheticDataConfig:
 
 @dataclass
 class ParallelConfig:
+    # Mesh dims; their product must equal the number of processes (dp_shard=-1 fills).
+    dp_replicate: int = 1
+    dp_shard: int = -1
+    cp: int = 1
+    tp: int = 1
+    cp_mode: CPMode = CPMode.allgather_kv
+    engine: Engine = Engine.fsdp2
+    param_dtype: Precision = Precision.fp32  # FSDP2 compute dtype; reductions stay fp32
+    zero_stage: int = 2                      # DeepSpeed only
+    offload_optimizer: bool = False          # DeepSpeed only: optimizer state on CPU
+    offload_params: bool = False             # DeepSpeed ZeRO-3 only: parameters on CPU
     activation_checkpointing: ActivationCheckpointing = ActivationCheckpointing.none
     checkpoint_every: int = 2  # with every_k: checkpoint blocks 0, k, 2k, ...
     compile: bool = False      # torch.compile each DiT block
@@ -88,11 +111,21 @@ class ParallelConfig:
     def __post_init__(self) -> None:
         if self.checkpoint_every < 1:
             raise ConfigError(f"parallel.checkpoint_every={self.checkpoint_every} must be >= 1")
+        if self.zero_stage not in (1, 2, 3):
+            raise ConfigError(f"parallel.zero_stage={self.zero_stage} must be 1, 2 or 3")
+        if self.offload_params and self.zero_stage != 3:
+            raise ConfigError(f"parallel.offload_params=true needs parallel.zero_stage=3 "
+                              f"(got {self.zero_stage})")
+        if self.engine is Engine.deepspeed and (self.tp > 1 or self.cp > 1):
+            raise ConfigError(f"parallel.engine=deepspeed runs data parallelism only, but "
+                              f"parallel.tp={self.tp} and parallel.cp={self.cp}; use "
+                              f"parallel.engine=fsdp2 for tensor/context parallelism or set "
+                              f"both to 1")
 
 
 @dataclass
 class RecipeConfig:
-    batch_size: int = 16
+    batch_size: int = 16  # global: split over the data-parallel replicas
     lr: float = 3e-4
     betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = 0.0
@@ -185,6 +218,29 @@ def to_train_config(cfg: DictConfig) -> TrainConfig:
         return OmegaConf.to_object(cfg)
     except ValueError as error:
         raise ConfigError(str(error).splitlines()[0]) from error
+
+
+def check_parallel_fits(cfg: TrainConfig, world_size: int) -> MeshDims:
+    """Mesh sizes against the process count, the heads and the batch; the resolved dims."""
+    par = cfg.parallel
+    try:
+        dims = MeshDims(par.dp_replicate, par.dp_shard, par.cp, par.tp).resolved(world_size)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    heads = cfg.model.heads
+    if heads % dims.tp:
+        raise ConfigError(f"model.heads={heads} is not divisible by parallel.tp={dims.tp}: "
+                          f"tensor parallelism splits whole heads")
+    if par.cp_mode is CPMode.ulysses and dims.cp > 1 and heads % (dims.tp * dims.cp):
+        raise ConfigError(f"parallel.cp_mode=ulysses needs model.heads={heads} divisible by "
+                          f"parallel.tp × parallel.cp = {dims.tp} × {dims.cp}; change cp/tp "
+                          f"or use parallel.cp_mode=allgather_kv or ring")
+    if cfg.recipe.batch_size % dims.dp:
+        raise ConfigError(f"recipe.batch_size={cfg.recipe.batch_size} (the global batch) is "
+                          f"not divisible by the {dims.dp} data-parallel replicas "
+                          f"(parallel.dp_replicate × dp_shard = {dims.dp_replicate} × "
+                          f"{dims.dp_shard})")
+    return dims
 
 
 def check_latent_fits(cfg: TrainConfig, autoencoder: Any) -> tuple[int, int, int, int]:

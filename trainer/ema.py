@@ -1,7 +1,8 @@
 """Exponential moving average of the trainable weights, kept beside the model.
 
-The shadow tensors have the parameters' own type, so when the parallel layer shards the
-parameters the EMA is sharded the same way (no full copy per rank).
+The shadow tensors have the parameters' own type and placement: under FSDP2/TP they are
+DTensors holding this rank's shard (no full copy per rank), and checkpoints reshard them
+like the parameters; under DeepSpeed ZeRO-3 they shadow the local partitions.
 """
 
 from __future__ import annotations
@@ -10,14 +11,19 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
-from torch import nn
+from torch.distributed.tensor import DTensor
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 class EMA:
-    def __init__(self, model: nn.Module, decay: float):
+    def __init__(self, params: dict[str, torch.Tensor], decay: float):
+        """params: name -> the trainable tensor to average (a shard when sharded)."""
         self.decay = decay
-        self.params = {name: p for name, p in model.named_parameters() if p.requires_grad}
-        self.shadow = {name: p.detach().clone() for name, p in self.params.items()}
+        self.params = params
+        self.shadow = {name: p.detach().clone() for name, p in params.items()}
 
     def current_decay(self, step: int) -> float:
         """Warm-up so early weights are not averaged with the random init for long."""
@@ -26,8 +32,9 @@ class EMA:
     @torch.no_grad()
     def update(self, step: int) -> None:
         weight = 1.0 - self.current_decay(step)
-        torch._foreach_lerp_(list(self.shadow.values()),
-                             [self.params[name].detach() for name in self.shadow], weight)
+        torch._foreach_lerp_([_local(s) for s in self.shadow.values()],
+                             [_local(self.params[name]).detach() for name in self.shadow],
+                             weight)
 
     @contextmanager
     def swapped_in(self) -> Iterator[None]:
@@ -42,8 +49,8 @@ class EMA:
     def swap(self) -> None:
         """Exchange training and EMA weights in place."""
         for name, shadow in self.shadow.items():
-            param = self.params[name]
-            saved = param.detach().clone()
+            param, shadow = _local(self.params[name]).detach(), _local(shadow)
+            saved = param.clone()
             param.copy_(shadow)
             shadow.copy_(saved)
 
@@ -56,4 +63,5 @@ class EMA:
         if missing:
             raise KeyError(f"EMA state lacks {len(missing)} parameters, e.g. {sorted(missing)[0]}")
         for name, shadow in self.shadow.items():
-            shadow.copy_(state[name])
+            value = state[name]
+            _local(shadow).copy_(_local(value))

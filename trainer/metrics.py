@@ -21,15 +21,19 @@ from trainer.config import TrainConfig
 
 
 class Monitor:
+    """``enabled=False`` (every rank but 0) measures data wait but writes nothing."""
+
     def __init__(self, cfg: TrainConfig, run_dir: Path, config_dict: dict[str, Any],
-                 start_step: int, tokens_per_step: int):
+                 start_step: int, tokens_per_step: int, enabled: bool = True):
         self.run_dir = run_dir
         self.log_every = cfg.trainer.log_every
         self.tokens_per_step = tokens_per_step
-        self.jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
-        self.wandb_run = self._start_wandb(cfg, config_dict)
+        self.jsonl = open(run_dir / "metrics.jsonl" if enabled else os.devnull, "a",
+                          buffering=1)
+        self.wandb_run = self._start_wandb(cfg, config_dict) if enabled else None
         self.bar = tqdm(total=cfg.trainer.max_steps, initial=start_step, dynamic_ncols=True,
-                        disable=not cfg.trainer.progress, desc=cfg.run_name)
+                        disable=not (cfg.trainer.progress and enabled), desc=cfg.run_name)
+        self.enabled = enabled
         self.data_wait = 0.0
         self.window_start = time.perf_counter()
         self.window_steps = 0
@@ -88,7 +92,8 @@ class Monitor:
 
     def write(self, message: str) -> None:
         """Print without breaking the progress bar."""
-        self.bar.write(message)
+        if self.enabled:
+            self.bar.write(message)
 
     def close(self) -> None:
         self.bar.close()

@@ -12,8 +12,8 @@ from torch import nn
 from data.video import video_to_uint8, write_video
 from models.sampler import euler_sample, guided_velocity, linear_quadratic_schedule
 from models.t2v import TextToVideo
-from trainer.build import build_autoencoder, build_model
-from trainer.checkpoint import STATE_FILE, Checkpointer
+from parallel.checkpoint import Checkpointer, load_training_state
+from trainer.build import build_autoencoder, build_model, single_process
 from trainer.config import TrainConfig, check_latent_fits
 from trainer.ema import EMA
 from trainer.run_config import load_run_config
@@ -29,39 +29,40 @@ class TrainedRun:
     latent_shape: tuple[int, int, int, int]
 
 
-def locate_checkpoint(checkpoint: Path) -> tuple[Path, dict]:
-    """(run dir, checkpoint state) from a run dir or one of its ``checkpoints/step_N``."""
-    if (checkpoint / STATE_FILE).is_file():
+def locate_checkpoint(checkpoint: Path) -> tuple[Path, Path]:
+    """(run dir, intact checkpoint dir) from a run dir or one of its ``checkpoints/step_N``."""
+    if checkpoint.name.startswith("step_") and checkpoint.parent.name == "checkpoints":
         problem = Checkpointer.verify(checkpoint)
         if problem:
             raise ValueError(f"checkpoint={checkpoint} is damaged: {problem}")
-        return checkpoint.parent.parent, torch.load(checkpoint / STATE_FILE, weights_only=True)
-    found = Checkpointer(checkpoint / "checkpoints", keep_last=0).load_latest()
+        return checkpoint.parent.parent, checkpoint
+    found = Checkpointer(checkpoint / "checkpoints", keep_last=0).latest()
     if found is None:
         raise FileNotFoundError(f"checkpoint={checkpoint} has no intact checkpoint under "
                                 f"{checkpoint / 'checkpoints'}")
-    return checkpoint, found[1]
+    return checkpoint, found
 
 
 def load_trained(checkpoint: Path, device: torch.device, ema: bool = True,
                  frames: int | None = None, height: int | None = None,
                  width: int | None = None) -> TrainedRun:
-    """Rebuild a run's model from its saved config and load its weights (EMA by default).
+    """Rebuild a run's model in this one process from its saved config and load its
+    weights (EMA by default), whatever mesh trained it.
 
     frames/height/width default to the run's data settings.
     """
-    run_dir, state = locate_checkpoint(Path(checkpoint))
+    run_dir, step_dir = locate_checkpoint(Path(checkpoint))
     cfg = load_run_config(run_dir)
     cfg.data.frames = frames or cfg.data.frames
     cfg.data.height = height or cfg.data.height
     cfg.data.width = width or cfg.data.width
     autoencoder = build_autoencoder(cfg, device)
     latent_shape = check_latent_fits(cfg, autoencoder)
-    model = build_model(cfg, device)
-    model.load_state_dict(state["model"])
+    model = build_model(cfg, single_process(device))
+    averaged = EMA({n: p for n, p in model.named_parameters() if p.requires_grad},
+                   cfg.recipe.ema_decay)
+    state = load_training_state(step_dir, model, None, averaged.state_dict())
     if ema:
-        averaged = EMA(model, cfg.recipe.ema_decay)
-        averaged.load_state_dict(state["ema"])
         averaged.swap()
     return TrainedRun(cfg, run_dir, state["step"], model.eval(), autoencoder, latent_shape)
 

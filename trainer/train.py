@@ -20,12 +20,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from data.loader import ShuffledBatches
 from models.dit import patch_grid
+from parallel.checkpoint import Checkpointer, load_training_state, save_training_state
+from parallel.engine import NativeEngine
+from parallel.mesh import ParallelContext, init_parallel, read_launch_env, shutdown
 from trainer.build import build_autoencoder, build_flow, build_model
-from trainer.checkpoint import Checkpointer
 from trainer.config import (
     ConfigError,
     TrainConfig,
     check_latent_fits,
+    check_parallel_fits,
     register_configs,
     to_train_config,
 )
@@ -76,23 +79,27 @@ def autocast(cfg: TrainConfig, device: torch.device):
                           enabled=cfg.trainer.precision.value == "bf16")
 
 
-def train_step(cfg, step, batch, model, autoencoder, flow, optimizer, scheduler, ema, guard,
-               device) -> dict[str, float]:
-    optimizer.zero_grad(set_to_none=True)
-    with autocast(cfg, device):
-        loss = flow_matching_loss(model, autoencoder, flow, batch["video"].to(device),
-                                  batch["caption"], step_generator(cfg.trainer.seed, step),
-                                  cfg.recipe.caption_dropout)
-    loss_value, grad_norm = loss.item(), math.nan
+def train_step(cfg, step, batch, engine, autoencoder, flow, ema, guard, ctx) -> dict[str, float]:
+    engine.zero_grad()
+    local = batch["video"].shape[0]
+    rows = slice(ctx.dp_rank * local, (ctx.dp_rank + 1) * local)
+    with autocast(cfg, ctx.device):
+        loss = flow_matching_loss(engine.module, autoencoder, flow,
+                                  batch["video"].to(ctx.device), batch["caption"],
+                                  step_generator(cfg.trainer.seed, step),
+                                  cfg.recipe.caption_dropout, rows, cfg.recipe.batch_size)
+    loss_value, grad_norm = ctx.mean_over_dp(loss), math.nan
+    lr = engine.scheduler.get_last_lr()[0]
     if math.isfinite(loss_value):
-        loss.backward()
+        engine.backward(loss)
         max_norm = cfg.recipe.grad_clip if cfg.recipe.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()
-    lr = scheduler.get_last_lr()[0]
-    if guard.allows_update(step, loss_value, grad_norm):
-        optimizer.step()
+        grad_norm = engine.clip_and_step(
+            max_norm, lambda norm: guard.allows_update(step, loss_value, norm))
+    else:
+        guard.allows_update(step, loss_value, grad_norm)
+    if guard.in_row == 0:
         ema.update(step)
-    scheduler.step()
+    engine.scheduler.step()
     return {"loss": loss_value, "grad_norm": grad_norm, "lr": lr,
             "skipped_steps": guard.total}
 
@@ -100,7 +107,8 @@ def train_step(cfg, step, batch, model, autoencoder, flow, optimizer, scheduler,
 @torch.no_grad()
 def validate(cfg, model, autoencoder, flow, val_data, device) -> dict[str, float]:
     """Mean loss over the first ``val_batches`` held-out batches with fixed noise and t,
-    and the text sensitivity of the first batch."""
+    and the text sensitivity of the first batch. Every rank runs the same full batches
+    (sharded models need all ranks in the forward) and gets the same numbers."""
     batches = ShuffledBatches(val_data, cfg.recipe.batch_size, seed=0, shuffle=False)
     generator = torch.Generator().manual_seed(cfg.trainer.seed)
     count = min(cfg.trainer.val_batches, batches.batches_per_epoch)
@@ -127,25 +135,27 @@ def log_validation(cfg, step, model, ema, autoencoder, flow, val_data, device, m
 
 
 def sample_prompts(cfg, step, run_dir, model, autoencoder, latent_shape, monitor) -> None:
+    """Every rank samples (the model may be sharded); rank 0 writes and logs the videos."""
     prompts = list(cfg.trainer.sample_prompts)
     videos = generate(model, autoencoder, prompts, latent_shape, cfg.trainer.sample_steps,
                       cfg.trainer.guidance_scale, seed=cfg.trainer.seed)
-    paths = write_videos(videos, prompts, run_dir / "samples" / f"step_{step:08d}",
-                         cfg.data.fps)
-    monitor.log_videos(paths, prompts, step)
+    if monitor.enabled:
+        paths = write_videos(videos, prompts, run_dir / "samples" / f"step_{step:08d}",
+                             cfg.data.fps)
+        monitor.log_videos(paths, prompts, step)
 
 
-def checkpoint_state(step, stateful) -> dict:
+def trainer_state(step, stateful) -> dict:
     return {"step": step, "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
             **{name: obj.state_dict() for name, obj in stateful.items()}}
 
 
-def restore(checkpointer: Checkpointer, stateful: dict) -> int:
-    """Load the newest intact checkpoint into ``stateful``; the step to continue from."""
-    found = checkpointer.load_latest()
-    if found is None:
+def restore(checkpointer: Checkpointer, engine, ema: EMA, stateful: dict) -> int:
+    """Load the newest intact checkpoint (saved at any mesh); the step to continue from."""
+    path = checkpointer.latest()
+    if path is None:
         return 0
-    path, state = found
+    state = load_training_state(path, engine.module, engine.optimizer, ema.state_dict())
     for name, obj in stateful.items():
         obj.load_state_dict(state[name])
     torch.set_rng_state(state["rng"]["torch"])
@@ -154,34 +164,39 @@ def restore(checkpointer: Checkpointer, stateful: dict) -> int:
     return state["step"]
 
 
+def start_parallel(cfg: TrainConfig) -> ParallelContext:
+    dims = check_parallel_fits(cfg, read_launch_env().world_size)
+    return init_parallel(dims, torch.device(cfg.trainer.device).type)
+
+
 def train(cfg: TrainConfig, run_dir: Path, config_dict: dict) -> None:
-    device = torch.device(cfg.trainer.device)
+    ctx = start_parallel(cfg)
+    device = ctx.device
     torch.manual_seed(cfg.trainer.seed)
     autoencoder = build_autoencoder(cfg, device)
     latent_shape = check_latent_fits(cfg, autoencoder)
-    model, flow = build_model(cfg, device), build_flow(cfg)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer, scheduler = build_optimizer(trainable, cfg.recipe, cfg.trainer.max_steps)
-    ema = EMA(model, cfg.recipe.ema_decay)
+    model, flow = build_model(cfg, ctx), build_flow(cfg)
+    engine = NativeEngine(
+        model, lambda params: build_optimizer(params, cfg.recipe, cfg.trainer.max_steps))
+    ema = EMA(engine.ema_tensors(), cfg.recipe.ema_decay)
     train_data, val_data = build_datasets(cfg.data)
-    batches = ShuffledBatches(train_data, cfg.recipe.batch_size, cfg.trainer.seed)
+    batches = ShuffledBatches(train_data, cfg.recipe.batch_size // ctx.dp_size,
+                              cfg.trainer.seed, ctx.dp_rank, ctx.dp_size)
     guard = NonFiniteGuard(cfg.trainer.max_nonfinite_steps)
     checkpointer = Checkpointer(run_dir / "checkpoints", cfg.trainer.keep_last)
-    stateful = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "ema": ema,
-                "data": batches, "guard": guard}
-    step = restore(checkpointer, stateful)
+    stateful = {"scheduler": engine.scheduler, "data": batches, "guard": guard}
+    step = restore(checkpointer, engine, ema, stateful)
     tokens_per_step = cfg.recipe.batch_size * math.prod(patch_grid(cfg.model, latent_shape))
-    monitor = Monitor(cfg, run_dir, config_dict, step, tokens_per_step)
-    monitor.write(f"{sum(p.numel() for p in trainable):,} trainable of "
-                  f"{sum(p.numel() for p in model.parameters()):,} parameters; "
-                  f"{tokens_per_step:,} video tokens per step; run dir {run_dir}")
+    monitor = Monitor(cfg, run_dir, config_dict, step, tokens_per_step, enabled=ctx.is_main)
+    monitor.write(f"{sum(p.numel() for p in engine.params):,} trainable parameters; "
+                  f"{tokens_per_step:,} video tokens per step; mesh {ctx.dims}; "
+                  f"run dir {run_dir}")
     data_iter = iter(batches)
     while step < cfg.trainer.max_steps:
         with monitor.waiting_for_data():
             batch = next(data_iter)
         step += 1
-        metrics = train_step(cfg, step, batch, model, autoencoder, flow, optimizer, scheduler,
-                             ema, guard, device)
+        metrics = train_step(cfg, step, batch, engine, autoencoder, flow, ema, guard, ctx)
         monitor.log_train_step(step, **metrics)
         last = step == cfg.trainer.max_steps
         if step % cfg.trainer.val_every == 0 or last:
@@ -190,8 +205,11 @@ def train(cfg: TrainConfig, run_dir: Path, config_dict: dict) -> None:
             with ema.swapped_in():
                 sample_prompts(cfg, step, run_dir, model, autoencoder, latent_shape, monitor)
         if step % cfg.trainer.ckpt_every == 0 or last:
-            checkpointer.save(step, checkpoint_state(step, stateful))
+            state = trainer_state(step, stateful)
+            checkpointer.save(step, lambda directory: save_training_state(
+                directory, engine.module, engine.optimizer, ema.state_dict(), state))
     monitor.close()
+    shutdown(ctx)
 
 
 register_configs()

@@ -1,0 +1,57 @@
+"""Parameter initialisation as a function of (seed, parameter name) only.
+
+A parameter's initial value never depends on the order parameters are visited or on how
+the model is sharded, so the parallel layer can materialise a sharded model one parameter
+at a time (never holding the whole model) and get exactly the single-process weights.
+
+Rules by owning module: Linear weights truncated normal (std 0.02), norm weights 1 and
+biases 0, embeddings and bare tables normal (std 0.02). A module lists parameters that
+start at zero (adaLN-zero and friends) in ``zero_init``: fnmatch patterns relative to it.
+"""
+
+from __future__ import annotations
+
+import zlib
+from fnmatch import fnmatch
+
+import torch
+from torch import nn
+
+STD = 0.02
+
+
+def parameter_generator(seed: int, name: str) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+
+
+def _starts_at_zero(model: nn.Module, name: str) -> bool:
+    parts = name.split(".")
+    for split in range(len(parts)):
+        owner = model.get_submodule(".".join(parts[:split]))
+        relative = ".".join(parts[split:])
+        if any(fnmatch(relative, pattern) for pattern in getattr(owner, "zero_init", ())):
+            return True
+    return False
+
+
+@torch.no_grad()
+def initial_value(model: nn.Module, name: str, shape: torch.Size, seed: int) -> torch.Tensor:
+    """The full (unsharded) fp32 initial value of ``model``'s parameter ``name``, on CPU."""
+    module_path, _, attr = name.rpartition(".")
+    owner = model.get_submodule(module_path)
+    value = torch.empty(shape)
+    generator = parameter_generator(seed, name)
+    if _starts_at_zero(model, name) or attr == "bias":
+        return value.zero_()
+    if isinstance(owner, (nn.RMSNorm, nn.LayerNorm)):
+        return value.fill_(1.0)
+    if isinstance(owner, nn.Linear):
+        return nn.init.trunc_normal_(value, std=STD, generator=generator)
+    return nn.init.normal_(value, std=STD, generator=generator)
+
+
+@torch.no_grad()
+def init_parameters(model: nn.Module, seed: int) -> None:
+    """Initialise every parameter of an unsharded model in place (works after to_empty)."""
+    for name, param in model.named_parameters():
+        param.copy_(initial_value(model, name, param.shape, seed))
