@@ -1,0 +1,63 @@
+"""The real torchrun CLI on a mesh: same losses as one process, and checkpoints that
+reshard (save at tp2×cp2 on 4 ranks, resume at dp2 on 2 ranks and on 1 process)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tests.test_train_e2e import QUIET, TINY, run, train_cmd, train_losses
+
+pytestmark = pytest.mark.slow
+
+# 3 frames of 16 x 16: 3 x 4 x 4 = 48 tokens per sample
+MESH = ["data.frames=3", "trainer.ckpt_every=3", "trainer.val_every=100"]
+
+
+def torchrun_cmd(processes: int, run_dir, *overrides):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc_per_node={processes}", "-m", "trainer.train",
+            f"hydra.run.dir={run_dir}", *TINY, *overrides]
+
+
+def assert_losses_close(got: dict, expected: dict, steps) -> None:
+    for step in steps:
+        assert abs(got[step] - expected[step]) <= 1e-5 * abs(expected[step]), (step, got,
+                                                                                expected)
+
+
+def test_torchrun_mesh_trains_like_one_process_and_resumes_at_other_meshes(tmp_path):
+    single = tmp_path / "single"
+    run(train_cmd(single, *MESH, *QUIET, "trainer.max_steps=6"))
+    expected = train_losses(single)
+
+    mesh = tmp_path / "tp2_cp2"
+    run(torchrun_cmd(4, mesh, *MESH, *QUIET, "trainer.max_steps=3", "parallel.tp=2",
+                     "parallel.cp=2", "parallel.cp_mode=ring"), timeout=600)
+    assert_losses_close(train_losses(mesh), expected, range(1, 4))
+
+    # the tp2×cp2 checkpoint of step 3 continues on 2 data-parallel ranks ...
+    dp2 = tmp_path / "dp2"
+    shutil.copytree(mesh, dp2)
+    result = run(torchrun_cmd(2, dp2, *MESH, *QUIET, "trainer.max_steps=6",
+                              "parallel.dp_shard=2"), timeout=600)
+    assert "resumed from" in result.stdout
+    assert_losses_close(train_losses(dp2), expected, range(4, 7))
+
+    # ... and in one process
+    one = tmp_path / "one"
+    shutil.copytree(mesh, one)
+    run(train_cmd(one, *MESH, *QUIET, "trainer.max_steps=6"))
+    assert_losses_close(train_losses(one), expected, range(4, 7))
+
+
+def test_mesh_that_does_not_match_the_process_count_fails_at_start(tmp_path):
+    result = subprocess.run(
+        train_cmd(tmp_path / "bad", *QUIET, "parallel.tp=2", "parallel.cp=2"),
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert ("config error: world size 1 is not divisible by parallel.dp_replicate=1 × "
+            "parallel.cp=2 × parallel.tp=2 = 4") in result.stderr
