@@ -27,8 +27,7 @@ def apply_fsdp(model: TextToVideo, ctx: ParallelContext, param_dtype: torch.dtyp
     conditioner, and the (parameter-free) root. Sampling calls ``model.text`` and
     ``model.dit`` separately, so each must gather its own parameters. Call on the meta
     model after TP and CP."""
-    mesh = (ctx.mesh["dp_replicate", "dp_shard_cp"] if ctx.dims.dp_replicate > 1
-            else ctx.mesh["dp_shard_cp"])
+    mesh = ctx.submesh("hsdp" if ctx.dims.dp_replicate > 1 else "dp_shard_cp")
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     for block in model.dit.blocks:
         fully_shard(block, mesh=mesh, mp_policy=policy)

@@ -16,7 +16,7 @@ The backend follows the device: nccl on cuda, gloo on cpu.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -99,16 +99,17 @@ class ParallelContext:
     world_size: int
     device: torch.device
     mesh: DeviceMesh | None = None
+    named: dict[str, DeviceMesh] = field(default_factory=dict)
 
     @property
     def distributed(self) -> bool:
         return self.mesh is not None
 
     def submesh(self, name: str) -> DeviceMesh:
-        """A named (possibly flattened) dim of the mesh: one of MESH_DIMS, dp, dp_shard_cp,
-        dp_cp."""
+        """A named 1-D view of the mesh: one of MESH_DIMS, dp, dp_shard_cp, dp_cp, or the
+        2-D ``hsdp`` mesh (dp_replicate, dp_shard_cp)."""
         assert self.mesh is not None, "a single process has no mesh"
-        return self.mesh[name]
+        return self.named[name]
 
     def group(self, name: str) -> dist.ProcessGroup | None:
         return self.submesh(name).get_group() if self.distributed else None
@@ -156,10 +157,13 @@ def init_parallel(dims: MeshDims, device_type: str = "cpu") -> ParallelContext:
     if not dist.is_initialized():
         dist.init_process_group(backend_for(device), rank=env.rank, world_size=env.world_size)
     mesh = init_device_mesh(device.type, dims.shape, mesh_dim_names=MESH_DIMS)
-    mesh["dp_replicate", "dp_shard"]._flatten("dp")
-    mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
-    mesh["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")
-    return ParallelContext(dims, env.rank, env.world_size, device, mesh)
+    # Flattened views are kept here: slicing them back out of the root mesh is deprecated.
+    named = {name: mesh[name] for name in MESH_DIMS}
+    named["dp"] = mesh["dp_replicate", "dp_shard"]._flatten("dp")
+    named["dp_shard_cp"] = mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
+    named["dp_cp"] = mesh["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")
+    named["hsdp"] = DeviceMesh._concatenate([named["dp_replicate"], named["dp_shard_cp"]])
+    return ParallelContext(dims, env.rank, env.world_size, device, mesh, named)
 
 
 def shutdown(ctx: ParallelContext) -> None:

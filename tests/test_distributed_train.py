@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from tests.test_train_e2e import QUIET, TINY, run, train_cmd, train_losses
 
@@ -61,3 +62,25 @@ def test_mesh_that_does_not_match_the_process_count_fails_at_start(tmp_path):
     assert result.returncode != 0
     assert ("config error: world size 1 is not divisible by parallel.dp_replicate=1 × "
             "parallel.cp=2 × parallel.tp=2 = 4") in result.stderr
+
+
+def test_export_consolidates_a_sharded_checkpoint(tmp_path):
+    """A 2-rank FSDP2 run exports one safetensors file equal to loading it in one process."""
+    from safetensors.torch import load_file
+
+    from trainer.sampling import load_trained
+
+    run_dir = tmp_path / "fsdp"
+    run(torchrun_cmd(2, run_dir, *MESH, *QUIET, "trainer.max_steps=3", "parallel.dp_shard=2"),
+        timeout=600)
+    output = tmp_path / "weights.safetensors"
+    result = run([sys.executable, "-m", "trainer.export", f"checkpoint={run_dir}",
+                  f"output={output}", "ema=false"])
+    assert f"wrote {output}" in result.stdout
+    exported = load_file(output)
+    trained = load_trained(run_dir, torch.device("cpu"), ema=False).model.state_dict()
+    assert exported.keys() == trained.keys() and len(exported) > 20
+    for name, value in trained.items():
+        assert torch.equal(exported[name], value), name
+    assert not torch.equal(exported["dit.final.proj.weight"],
+                           torch.zeros_like(exported["dit.final.proj.weight"]))

@@ -1,0 +1,54 @@
+"""``python -m trainer.export checkpoint=<run dir> output=model.safetensors [ema=true]``
+
+Consolidates a run's newest intact checkpoint (or a given ``.../checkpoints/step_N``),
+whatever mesh wrote its shards, into one safetensors file of full weights: EMA weights by
+default (the ones sampled), the training weights with ``ema=false``. The file's metadata
+names the run, the step and which weights these are.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from safetensors.torch import save_file
+
+from trainer.sampling import load_trained
+
+
+@dataclass
+class ExportConfig:
+    checkpoint: str = MISSING   # a run directory, or one of its checkpoints/step_N
+    output: str = MISSING       # the .safetensors file to write
+    ema: bool = True
+
+
+def export(opts: ExportConfig) -> Path:
+    run = load_trained(Path(opts.checkpoint), torch.device("cpu"), opts.ema)
+    output = Path(opts.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {name: value.detach().contiguous() for name, value in
+               run.model.state_dict().items()}
+    save_file(tensors, str(output), metadata={
+        "run_dir": str(run.run_dir), "step": str(run.step),
+        "weights": "ema" if opts.ema else "train"})
+    return output
+
+
+def main(argv: list[str]) -> None:
+    try:
+        opts = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ExportConfig),
+                                                   OmegaConf.from_cli(argv)))
+    except OmegaConfBaseException as error:
+        raise SystemExit(f"trainer.export: {str(error).splitlines()[0]} (usage: "
+                         f"checkpoint=<run dir> output=<file.safetensors> [ema=true])") from None
+    path = export(opts)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
