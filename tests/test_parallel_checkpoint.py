@@ -14,11 +14,11 @@ FULL = StateDictOptions(full_state_dict=True)
 
 def build(overrides):
     from parallel.engine import NativeEngine
+    from tests.conftest import compose_train
     from trainer.build import build_model
     from trainer.ema import EMA
     from trainer.optim import build_optimizer
     from trainer.train import start_parallel
-    from tests.conftest import compose_train
 
     cfg = compose_train(BASE + overrides)
     ctx = start_parallel(cfg)

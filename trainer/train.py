@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import random
+from functools import partial
 from itertools import islice
 from pathlib import Path
 
@@ -205,9 +206,10 @@ def train(cfg: TrainConfig, run_dir: Path, config_dict: dict) -> None:
             with ema.swapped_in():
                 sample_prompts(cfg, step, run_dir, model, autoencoder, latent_shape, monitor)
         if step % cfg.trainer.ckpt_every == 0 or last:
-            state = trainer_state(step, stateful)
-            checkpointer.save(step, lambda directory: save_training_state(
-                directory, engine.module, engine.optimizer, ema.state_dict(), state))
+            checkpointer.save(step, partial(save_training_state, model=engine.module,
+                                            optimizer=engine.optimizer,
+                                            ema_state=ema.state_dict(),
+                                            trainer_state=trainer_state(step, stateful)))
     monitor.close()
     shutdown(ctx)
 

@@ -1,0 +1,227 @@
+"""DeepSpeed ZeRO (stage 1/2/3, optional CPU offload) as a data-parallel training engine.
+
+The trainer drives it like the FSDP2 engine: ``zero_grad``, forward through ``module``,
+``backward``, ``clip_and_step``, ``scheduler.step()``. Every rank is a data-parallel rank
+(DeepSpeed here requires tp = cp = 1, so the mesh's ``dp`` group spans all ranks, which is
+DeepSpeed's default data-parallel group). Each rank feeds its slice of the global batch and
+backpropagates the mean loss of that slice; DeepSpeed averages the gradients over the ranks,
+which equals the gradient of the global-batch mean when the slices are equal.
+
+Precision is fp32 (no fp16/bf16 section). The optimizer is whatever the trainer's factory
+builds (torch AdamW + LambdaLR); with ``offload_optimizer`` it steps the fp32 master weights
+in CPU memory. DeepSpeedCPUAdam(adamw_mode=True) is the faster CPU step (DeepSpeed quotes
+5-7x) and a factory may return it, but its C++ op JIT-compiles on first use (~3 min on 2
+cores; cached in ~/.cache/torch_extensions).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from parallel.engine import OptimizerFactory
+from parallel.mesh import ParallelContext
+
+
+def check_dims(ctx: ParallelContext) -> None:
+    """DeepSpeed shards over data parallelism only: tensor/context parallel must be off."""
+    if ctx.dims.tp != 1 or ctx.dims.cp != 1:
+        raise ValueError(
+            f"parallel.engine=deepspeed supports data parallelism only, but parallel.tp="
+            f"{ctx.dims.tp} and parallel.cp={ctx.dims.cp}; set parallel.tp=1 parallel.cp=1 "
+            f"(every rank then is a ZeRO data-parallel rank) or use parallel.engine=fsdp2")
+
+
+def import_deepspeed(device: torch.device):
+    """Import DeepSpeed with the accelerator of ``device`` (cpu: no CUDA is touched)."""
+    # DeepSpeed picks its accelerator once, on import; the variable skips its detection.
+    os.environ.setdefault("DS_ACCELERATOR", device.type)
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    picked = get_accelerator().device_name()
+    if picked != device.type:
+        raise ValueError(f"DeepSpeed runs on '{picked}' but trainer.device={device.type}; "
+                         f"set DS_ACCELERATOR={device.type} (or unset it) before the launch")
+    return deepspeed
+
+
+def ds_config(batch_size: int, dp_size: int, grad_clip: float, zero_stage: int,
+              offload_optimizer: bool, offload_params: bool) -> dict:
+    """The DeepSpeed config: micro-batch from the global batch, clipping, ZeRO switches."""
+    if zero_stage not in (1, 2, 3):
+        raise ValueError(f"parallel.zero_stage={zero_stage} must be 1, 2 or 3")
+    if offload_params and zero_stage != 3:
+        raise ValueError(f"parallel.offload_params=true needs parallel.zero_stage=3 (got "
+                         f"{zero_stage}): only ZeRO-3 partitions the parameters")
+    if batch_size % dp_size:
+        raise ValueError(f"recipe.batch_size={batch_size} (the global batch) is not divisible "
+                         f"by the {dp_size} data-parallel ranks; pick a multiple of {dp_size}")
+    zero: dict = {"stage": zero_stage}
+    if offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if offload_params:
+        zero["offload_param"] = {"device": "cpu"}
+    return {
+        "train_micro_batch_size_per_gpu": batch_size // dp_size,
+        "gradient_accumulation_steps": 1,
+        # DeepSpeed clips inside engine.step(), with torch's formula; 0 disables it.
+        "gradient_clipping": grad_clip if math.isfinite(grad_clip) else 0.0,
+        "zero_optimization": zero,
+        # Our client AdamW is not on DeepSpeed's vetted list; it works with every stage, and
+        # with offload it steps the CPU-resident fp32 master (see the module docstring).
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 2**62,
+    }
+
+
+class DeepSpeedEngine:
+    """A model in a DeepSpeed ZeRO engine, stepping the optimizer ``make_optimizer`` builds.
+
+    ``make_optimizer(params) -> (optimizer, scheduler)`` is the trainer's factory (the one
+    NativeEngine takes), so the LR schedule is the single-process one; ``scheduler`` is
+    stepped by the trainer every step. ``batch_size`` is the global batch, ``grad_clip``
+    the max gradient norm (inf or <= 0: no clipping). Build the same model on every rank.
+    """
+
+    def __init__(self, model: nn.Module, make_optimizer: OptimizerFactory,
+                 ctx: ParallelContext, *, batch_size: int, grad_clip: float, zero_stage: int,
+                 offload_optimizer: bool = False, offload_params: bool = False):
+        check_dims(ctx)
+        if not dist.is_initialized() and "RANK" not in os.environ:
+            raise ValueError("parallel.engine=deepspeed needs torch.distributed: launch with "
+                             "torchrun (also for one process: torchrun --nproc_per_node=1)")
+        self.grad_clip = grad_clip if grad_clip > 0 else math.inf
+        config = ds_config(batch_size, ctx.dp_size, self.grad_clip, zero_stage,
+                           offload_optimizer, offload_params)
+        deepspeed = import_deepspeed(ctx.device)
+        self.zero_stage = zero_stage
+        self.model = model
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        # ZeRO keeps the client's param-group dicts, so the LR the scheduler writes there is
+        # the LR DeepSpeed's step uses. The scheduler stays ours (not given to DeepSpeed):
+        # the trainer steps it every step, skipped updates included.
+        optimizer, self.scheduler = make_optimizer(self.params)
+        self._gate_optimizer(optimizer)
+        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+        # The engine itself, not the bare model: its forward prepares ZeRO's backward hooks.
+        # Model attributes (e.g. ``module.dit``) pass through it.
+        self.module: nn.Module = self.engine
+
+    def _gate_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Make the inner optimizer's update conditional on ``self._allow``.
+
+        DeepSpeed computes the global gradient norm inside engine.step() and only then calls
+        the inner optimizer (once per param group / sub-group). The gate asks ``allow_update``
+        at that point, once per step; a refused step leaves weights, fp32 master weights and
+        Adam moments untouched while DeepSpeed still drops the gradients as usual.
+        """
+        inner_step = optimizer.step
+        self._allow: Callable[[float], bool] | None = None
+        self._decision: bool | None = None
+
+        @functools.wraps(inner_step)  # keeps LambdaLR's marker: no 'step overridden' warning
+        def gated_step(*args, **kwargs):
+            if self._decision is None:
+                # ZeRO sets the norm (before clipping) right before calling the optimizer.
+                self._decision = bool(self._allow(float(self.engine.optimizer._global_grad_norm)))
+            return inner_step(*args, **kwargs) if self._decision else None
+
+        optimizer.step = gated_step
+
+    def zero_grad(self) -> None:
+        self.engine.zero_grad()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of this rank's mean loss; gradients are averaged over the dp ranks.
+
+        Collective: call it on every rank every step, also for a non-finite loss (the
+        non-finite gradients then make DeepSpeed skip the update).
+        """
+        self.engine.backward(loss)
+
+    def clip_and_step(self, max_norm: float, allow_update: Callable[[float], bool]) -> float:
+        """Global gradient norm before clipping; clips to ``max_norm``; updates if allowed.
+
+        ``max_norm`` must be the recipe's clip (inf when recipe.grad_clip <= 0): DeepSpeed
+        fixes it at init. ``allow_update(norm)`` is called exactly once, on every rank, before
+        any weight changes; the update happens iff it returns True. It must answer the same on
+        all ranks (the norm is global, so a pure function of it and the global loss does).
+        A non-finite norm (reported as inf) never updates: DeepSpeed skips that step itself.
+        """
+        if max_norm != self.grad_clip:
+            raise ValueError(f"clip_and_step(max_norm={max_norm}) differs from the clip the "
+                             f"DeepSpeed engine was built with ({self.grad_clip}, from "
+                             f"recipe.grad_clip); DeepSpeed fixes gradient_clipping at init")
+        self._allow, self._decision = allow_update, None
+        self.engine.step()
+        if self._decision is False:
+            self._relink_optimizer_views()
+        norm = float(self.engine.get_global_grad_norm())
+        if self._decision is None:  # DeepSpeed skipped a non-finite step without asking
+            allow_update(norm)
+        return norm
+
+    def ema_tensors(self) -> dict[str, torch.Tensor]:
+        """The local tensors of the trainable weights, by parameter name, for an EMA.
+
+        ZeRO-1/2: the (replicated) parameters themselves. ZeRO-3: each parameter's local
+        flat partition (``ds_tensor``, padded on the last rank), so the EMA is sharded like
+        the weights. The tensors are updated in place by every step. Before writing into
+        them (swapping EMA weights in or out) call ``release_params``.
+        """
+        named = self.model.named_parameters()
+        if self.zero_stage == 3:
+            return {name: p.ds_tensor for name, p in named if p.requires_grad}
+        return {name: p for name, p in named if p.requires_grad}
+
+    def release_params(self) -> None:
+        """ZeRO-3: return every gathered parameter to its partition, including the small
+        ones DeepSpeed keeps whole ('persistent'), so the next forward gathers from the
+        partitions and sees what was written into them. A no-op for ZeRO-1/2."""
+        if self.zero_stage == 3:
+            self.engine.empty_partition_cache()
+
+    def save(self, directory: Path) -> None:
+        """Weights, fp32 master weights, optimizer and scheduler state into the existing
+        ``directory`` (one file per rank for the partitions). Collective: all ranks call."""
+        directory = Path(directory)
+        self.engine.save_checkpoint(str(directory.parent), tag=directory.name,
+                                    client_state={"scheduler": self.scheduler.state_dict()},
+                                    save_latest=False)
+
+    def load(self, directory: Path) -> None:
+        """Restore what ``save`` wrote; needs the same ZeRO stage and number of dp ranks."""
+        directory = Path(directory)
+        _, client_state = self.engine.load_checkpoint(str(directory.parent), tag=directory.name,
+                                                      load_lr_scheduler_states=False)
+        if client_state is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint in {directory}")
+        self.scheduler.load_state_dict(client_state["scheduler"])
+        self._relink_optimizer_views()
+
+    def _relink_optimizer_views(self) -> None:
+        """ZeRO-1/2 map each parameter to its slice of the Adam state (what
+        deepspeed.utils.safe_get_full_optimizer_state reads) once, after the first step. A
+        refused first step (no state yet) or a load (new mappings) would leave that map empty
+        for good; this has the next step build it again (views only, cheap)."""
+        if self.zero_stage < 3:
+            self.engine.optimizer._hp_optimizer_states_linked = False
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Full weights (parameters and buffers, by name) on every rank. Collective."""
+        from deepspeed.runtime.zero import GatheredParameters
+
+        params = list(self.model.parameters())
+        # Gathers ZeRO-3 partitions for the block; a no-op for ZeRO-1/2 (replicated weights).
+        with GatheredParameters(params, enabled=self.zero_stage == 3):
+            state = {name: p.detach().clone() for name, p in self.model.named_parameters()}
+        return state | {name: b.detach().clone() for name, b in self.model.named_buffers()}
