@@ -1,6 +1,7 @@
 """Bad configs fail at start, through the real CLI, with the key and value named."""
 
 import os
+import re
 import subprocess
 
 import pytest
@@ -84,3 +85,50 @@ def test_model_size_reports_30b_on_meta_and_writes_nothing(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "29,260,492,800 parameters (29.26B" in result.stdout
     assert list(tmp_path.iterdir()) == []
+
+
+def test_parallel_misconfigurations_name_the_numbers():
+    from trainer.config import check_parallel_fits
+
+    def fits(overrides, world):
+        return check_parallel_fits(compose_train(["experiment=t2v_tiny", *overrides]), world)
+
+    assert fits(["parallel.tp=2", "parallel.cp=2"], 8).shape == (1, 2, 2, 2)
+    with pytest.raises(ConfigError, match=r"world size 4 != parallel.dp_replicate=1 × "
+                                          r"parallel.dp_shard=2 × parallel.cp=1 × "
+                                          r"parallel.tp=1 = 2"):
+        fits(["parallel.dp_shard=2"], 4)
+    with pytest.raises(ConfigError, match="model.heads=6 is not divisible by parallel.tp=4"):
+        fits(["model.width=96", "model.heads=6", "parallel.tp=4"], 4)
+    with pytest.raises(ConfigError, match=r"cp_mode=ulysses needs model.heads=4 divisible by "
+                                          r"parallel.tp × parallel.cp = 2 × 4"):
+        fits(["parallel.tp=2", "parallel.cp=4", "parallel.cp_mode=ulysses"], 8)
+    assert fits(["parallel.tp=2", "parallel.cp=4", "parallel.cp_mode=ring"], 8).cp == 4
+    with pytest.raises(ConfigError, match=r"recipe.batch_size=8 \(the global batch\) is not "
+                                          r"divisible by the 3 data-parallel replicas"):
+        fits(["parallel.dp_shard=3"], 3)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["parallel=deepspeed", "parallel.tp=2"],
+     "parallel.engine=deepspeed runs data parallelism only, but parallel.tp=2"),
+    (["parallel=deepspeed", "parallel.zero_stage=4"], "parallel.zero_stage=4 must be 1, 2 or 3"),
+    (["parallel=deepspeed", "parallel.offload_params=true"],
+     "parallel.offload_params=true needs parallel.zero_stage=3"),
+])
+def test_deepspeed_misconfigurations(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        compose_train(["experiment=t2v_tiny", *overrides])
+
+
+def test_launch_env_from_torchrun_slurm_or_nothing():
+    from parallel.mesh import read_launch_env
+
+    assert read_launch_env({}).launcher == "none"
+    torchrun = read_launch_env({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"})
+    assert (torchrun.rank, torchrun.world_size, torchrun.local_rank) == (3, 4, 1)
+    slurm = {"SLURM_PROCID": "9", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1",
+             "MASTER_ADDR": "node0", "MASTER_PORT": "29500"}
+    assert read_launch_env(slurm).rank == 9 and read_launch_env(slurm).launcher == "slurm"
+    with pytest.raises(ValueError, match="SLURM job without MASTER_ADDR"):
+        read_launch_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "2"})
