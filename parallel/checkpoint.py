@@ -172,3 +172,25 @@ def load_training_state(directory: Path, model, optimizer, ema_state: dict) -> d
     if optimizer is not None:
         set_optimizer_state_dict(model, optimizer, state["optimizer"])
     return torch.load(directory / TRAINER_STATE_FILE, weights_only=True)
+
+
+def save_deepspeed_state(directory: Path, engine, ema_state: dict, trainer_state: dict) -> None:
+    """DeepSpeed's own layout (model, fp32 master, optimizer, scheduler; same ZeRO stage and
+    dp size to reload), this rank's EMA shard and rank 0's trainer state."""
+    engine.save(directory)
+    rank = dist.get_rank() if _distributed() else 0
+    torch.save(ema_state, directory / f"ema_rank{rank:05d}.pt")
+    if _is_main():
+        torch.save(trainer_state, directory / TRAINER_STATE_FILE)
+
+
+def load_deepspeed_state(directory: Path, engine, ema_state: dict) -> dict:
+    engine.load(directory)
+    rank = dist.get_rank() if _distributed() else 0
+    path = directory / f"ema_rank{rank:05d}.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: DeepSpeed checkpoints reload only at the "
+                                f"data-parallel size that wrote them")
+    for name, value in torch.load(path, weights_only=True).items():
+        ema_state[name].copy_(value)
+    return torch.load(directory / TRAINER_STATE_FILE, weights_only=True)

@@ -29,6 +29,8 @@ from torch import nn
 from parallel.engine import OptimizerFactory
 from parallel.mesh import ParallelContext
 
+CHECKPOINT_TAG = "deepspeed"  # DeepSpeed's files go to <directory>/deepspeed/
+
 
 def check_dims(ctx: ParallelContext) -> None:
     """DeepSpeed shards over data parallelism only: tensor/context parallel must be off."""
@@ -189,22 +191,27 @@ class DeepSpeedEngine:
         partitions and sees what was written into them. A no-op for ZeRO-1/2."""
         if self.zero_stage == 3:
             self.engine.empty_partition_cache()
+            # The recorded fetch order assumed those params stayed gathered; a forward that
+            # now has to fetch them would fail DeepSpeed's trace check, so re-record it.
+            coordinator = self.engine.optimizer.parameter_offload.get_param_coordinator()
+            if not coordinator.is_invalid_trace():
+                coordinator._invalidate_trace()
 
     def save(self, directory: Path) -> None:
         """Weights, fp32 master weights, optimizer and scheduler state into the existing
-        ``directory`` (one file per rank for the partitions). Collective: all ranks call."""
-        directory = Path(directory)
-        self.engine.save_checkpoint(str(directory.parent), tag=directory.name,
-                                    client_state={"scheduler": self.scheduler.state_dict()},
-                                    save_latest=False)
+        ``directory``: DeepSpeed's files under ``deepspeed/`` (one optimizer file per rank)
+        and its ``zero_to_fp32.py``, which consolidates full fp32 weights offline. The
+        layout is DeepSpeed's own, loadable at the same ZeRO stage and dp size. Collective."""
+        self.engine.save_checkpoint(str(directory), tag=CHECKPOINT_TAG,
+                                    client_state={"scheduler": self.scheduler.state_dict()})
 
     def load(self, directory: Path) -> None:
-        """Restore what ``save`` wrote; needs the same ZeRO stage and number of dp ranks."""
-        directory = Path(directory)
-        _, client_state = self.engine.load_checkpoint(str(directory.parent), tag=directory.name,
+        """Restore what ``save`` wrote into ``directory``. Collective."""
+        if not (Path(directory) / CHECKPOINT_TAG).is_dir():
+            raise FileNotFoundError(f"no DeepSpeed checkpoint in {directory}: expected the "
+                                    f"{CHECKPOINT_TAG}/ folder DeepSpeedEngine.save writes")
+        _, client_state = self.engine.load_checkpoint(str(directory), tag=CHECKPOINT_TAG,
                                                       load_lr_scheduler_states=False)
-        if client_state is None:
-            raise FileNotFoundError(f"no DeepSpeed checkpoint in {directory}")
         self.scheduler.load_state_dict(client_state["scheduler"])
         self._relink_optimizer_views()
 

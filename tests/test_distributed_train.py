@@ -84,3 +84,17 @@ def test_export_consolidates_a_sharded_checkpoint(tmp_path):
         assert torch.equal(exported[name], value), name
     assert not torch.equal(exported["dit.final.proj.weight"],
                            torch.zeros_like(exported["dit.final.proj.weight"]))
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_zero_trains_like_one_process_and_resumes(tmp_path, stage):
+    single = tmp_path / "single"
+    run(train_cmd(single, *MESH, *QUIET, "trainer.max_steps=5"))
+    expected = train_losses(single)
+    zero = tmp_path / f"zero{stage}"
+    common = [*MESH, *QUIET, "parallel=deepspeed", f"parallel.zero_stage={stage}"]
+    run(torchrun_cmd(2, zero, *common, "trainer.max_steps=3"), timeout=600)
+    assert (zero / "checkpoints" / "step_00000003" / "deepspeed").is_dir()
+    result = run(torchrun_cmd(2, zero, *common, "trainer.max_steps=5"), timeout=600)
+    assert "resumed from" in result.stdout
+    assert_losses_close(train_losses(zero), expected, range(1, 6))

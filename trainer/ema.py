@@ -7,7 +7,7 @@ like the parameters; under DeepSpeed ZeRO-3 they shadow the local partitions.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -19,9 +19,13 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
 
 
 class EMA:
-    def __init__(self, params: dict[str, torch.Tensor], decay: float):
-        """params: name -> the trainable tensor to average (a shard when sharded)."""
+    def __init__(self, params: dict[str, torch.Tensor], decay: float,
+                 before_swap: Callable[[], None] | None = None):
+        """params: name -> the trainable tensor to average (a shard when sharded).
+        ``before_swap`` runs before weights are exchanged (DeepSpeed ZeRO-3 must release
+        gathered copies so the next forward sees the swapped partitions)."""
         self.decay = decay
+        self.before_swap = before_swap
         self.params = params
         self.shadow = {name: p.detach().clone() for name, p in params.items()}
 
@@ -48,6 +52,8 @@ class EMA:
     @torch.no_grad()
     def swap(self) -> None:
         """Exchange training and EMA weights in place."""
+        if self.before_swap is not None:
+            self.before_swap()
         for name, shadow in self.shadow.items():
             param, shadow = _local(self.params[name]).detach(), _local(shadow)
             saved = param.clone()

@@ -21,12 +21,19 @@ from omegaconf import DictConfig, OmegaConf
 
 from data.loader import ShuffledBatches
 from models.dit import patch_grid
-from parallel.checkpoint import Checkpointer, load_training_state, save_training_state
+from parallel.checkpoint import (
+    Checkpointer,
+    load_deepspeed_state,
+    load_training_state,
+    save_deepspeed_state,
+    save_training_state,
+)
 from parallel.engine import NativeEngine
 from parallel.mesh import ParallelContext, init_parallel, read_launch_env, shutdown
 from trainer.build import build_autoencoder, build_flow, build_model
 from trainer.config import (
     ConfigError,
+    Engine,
     TrainConfig,
     check_latent_fits,
     check_parallel_fits,
@@ -151,12 +158,38 @@ def trainer_state(step, stateful) -> dict:
             **{name: obj.state_dict() for name, obj in stateful.items()}}
 
 
+def build_engine(cfg: TrainConfig, model, ctx: ParallelContext):
+    def make_optimizer(params):
+        return build_optimizer(params, cfg.recipe, cfg.trainer.max_steps)
+
+    par = cfg.parallel
+    if par.engine is Engine.fsdp2:
+        return NativeEngine(model, make_optimizer)
+    from parallel.deepspeed_engine import DeepSpeedEngine
+
+    return DeepSpeedEngine(model, make_optimizer, ctx, batch_size=cfg.recipe.batch_size,
+                           grad_clip=cfg.recipe.grad_clip, zero_stage=par.zero_stage,
+                           offload_optimizer=par.offload_optimizer,
+                           offload_params=par.offload_params)
+
+
+def save_checkpoint(directory: Path, engine, ema: EMA, state: dict) -> None:
+    if isinstance(engine, NativeEngine):
+        save_training_state(directory, engine.module, engine.optimizer, ema.state_dict(), state)
+    else:
+        save_deepspeed_state(directory, engine, ema.state_dict(), state)
+
+
 def restore(checkpointer: Checkpointer, engine, ema: EMA, stateful: dict) -> int:
-    """Load the newest intact checkpoint (saved at any mesh); the step to continue from."""
+    """Load the newest intact checkpoint; the step to continue from. Native checkpoints
+    load at any mesh, DeepSpeed ones at the ZeRO stage and dp size that wrote them."""
     path = checkpointer.latest()
     if path is None:
         return 0
-    state = load_training_state(path, engine.module, engine.optimizer, ema.state_dict())
+    if isinstance(engine, NativeEngine):
+        state = load_training_state(path, engine.module, engine.optimizer, ema.state_dict())
+    else:
+        state = load_deepspeed_state(path, engine, ema.state_dict())
     for name, obj in stateful.items():
         obj.load_state_dict(state[name])
     torch.set_rng_state(state["rng"]["torch"])
@@ -177,9 +210,9 @@ def train(cfg: TrainConfig, run_dir: Path, config_dict: dict) -> None:
     autoencoder = build_autoencoder(cfg, device)
     latent_shape = check_latent_fits(cfg, autoencoder)
     model, flow = build_model(cfg, ctx), build_flow(cfg)
-    engine = NativeEngine(
-        model, lambda params: build_optimizer(params, cfg.recipe, cfg.trainer.max_steps))
-    ema = EMA(engine.ema_tensors(), cfg.recipe.ema_decay)
+    engine = build_engine(cfg, model, ctx)
+    ema = EMA(engine.ema_tensors(), cfg.recipe.ema_decay,
+              getattr(engine, "release_params", None))
     train_data, val_data = build_datasets(cfg.data)
     batches = ShuffledBatches(train_data, cfg.recipe.batch_size // ctx.dp_size,
                               cfg.trainer.seed, ctx.dp_rank, ctx.dp_size)
@@ -189,7 +222,8 @@ def train(cfg: TrainConfig, run_dir: Path, config_dict: dict) -> None:
     step = restore(checkpointer, engine, ema, stateful)
     tokens_per_step = cfg.recipe.batch_size * math.prod(patch_grid(cfg.model, latent_shape))
     monitor = Monitor(cfg, run_dir, config_dict, step, tokens_per_step, enabled=ctx.is_main)
-    monitor.write(f"{sum(p.numel() for p in engine.params):,} trainable parameters; "
+    trainable = sum(getattr(p, "ds_numel", p.numel()) for p in engine.params)
+    monitor.write(f"{trainable:,} trainable parameters; "
                   f"{tokens_per_step:,} video tokens per step; mesh {ctx.dims}; "
                   f"run dir {run_dir}")
     data_iter = iter(batches)
@@ -206,10 +240,8 @@ def train(cfg: TrainConfig, run_dir: Path, config_dict: dict) -> None:
             with ema.swapped_in():
                 sample_prompts(cfg, step, run_dir, model, autoencoder, latent_shape, monitor)
         if step % cfg.trainer.ckpt_every == 0 or last:
-            checkpointer.save(step, partial(save_training_state, model=engine.module,
-                                            optimizer=engine.optimizer,
-                                            ema_state=ema.state_dict(),
-                                            trainer_state=trainer_state(step, stateful)))
+            checkpointer.save(step, partial(save_checkpoint, engine=engine, ema=ema,
+                                            state=trainer_state(step, stateful)))
     monitor.close()
     shutdown(ctx)
 
