@@ -87,8 +87,14 @@ CASES = {
     "fsdp2_tp2": ["parallel.dp_shard=2", "parallel.tp=2"],
     "fsdp2_cp2": ["parallel.dp_shard=2", "parallel.cp=2", "parallel.cp_mode=ring"],
     "hsdp_2x2": ["parallel.dp_replicate=2", "parallel.dp_shard=2"],
+    # the memory/speed switches compose with the mesh
+    "fsdp2_tp2_checkpointed": ["parallel.dp_shard=2", "parallel.tp=2",
+                               "parallel.activation_checkpointing=full"],
+    "tp2_compiled_every_k": ["parallel.tp=2", "parallel.compile=true",
+                             "parallel.activation_checkpointing=every_k"],
 }
-WORLD = {"tp2": 2, "cp2_allgather_kv": 2, "cp2_ulysses": 2, "cp2_ring": 2, "fsdp2": 2}
+WORLD = {"tp2": 2, "cp2_allgather_kv": 2, "cp2_ulysses": 2, "cp2_ring": 2, "fsdp2": 2,
+         "tp2_compiled_every_k": 2}
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -106,3 +112,13 @@ def test_mesh_matches_one_process(case, reference):
             for name, expected in reference[kind].items():
                 error = relative_error(result[kind][name], expected)
                 assert error <= 1e-5, f"{where} {kind} {name}: relative error {error:.2e}"
+
+
+def test_fsdp2_bf16_params_with_fp32_reduction_stay_close(reference):
+    """Mixed precision is a switch: bf16 compute, fp32 gradient reduction and master
+    weights; the losses stay within bf16 rounding of the fp32 run."""
+    results = run_distributed(run_steps, 2, ["parallel.dp_shard=2", "parallel.param_dtype=bf16"])
+    for result in results:
+        for loss, expected in zip(result["losses"], reference["losses"], strict=True):
+            assert abs(loss - expected) <= 1e-2 * abs(expected)
+        assert all(w.dtype == torch.float32 for w in result["weights"].values())
