@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+from tests.distributed import run_distributed
 from tests.test_train_e2e import QUIET, TINY, run, train_cmd, train_losses
 
 pytestmark = pytest.mark.slow
@@ -98,3 +99,27 @@ def test_deepspeed_zero_trains_like_one_process_and_resumes(tmp_path, stage):
     result = run(torchrun_cmd(2, zero, *common, "trainer.max_steps=5"), timeout=600)
     assert "resumed from" in result.stdout
     assert_losses_close(train_losses(zero), expected, range(1, 6))
+
+
+def replica_keys(overrides):
+    from tests.conftest import compose_train
+    from trainer.data import build_datasets, build_train_batches
+    from trainer.train import start_parallel
+
+    cfg = compose_train(["experiment=t2v_tiny", "recipe.batch_size=4", "data.num_samples=64",
+                         *overrides])
+    ctx = start_parallel(cfg)
+    batches = iter(build_train_batches(cfg, build_datasets(cfg.data)[0], ctx))
+    return ctx.dp_rank, [key for _ in range(3) for key in next(batches)["key"]]
+
+
+@pytest.mark.parametrize("mesh", [["parallel.dp_shard=2", "parallel.cp=2"],
+                                  ["parallel.dp_replicate=2", "parallel.tp=2"]])
+def test_ranks_of_a_replica_see_the_same_samples_replicas_differ(mesh):
+    results = run_distributed(replica_keys, 4, mesh)
+    by_replica: dict[int, list] = {}
+    for dp_rank, keys in results:
+        assert by_replica.setdefault(dp_rank, keys) == keys  # cp/tp peers: identical
+    assert sorted(by_replica) == [0, 1]
+    assert not set(by_replica[0]) & set(by_replica[1])
+    assert len(set(by_replica[0] + by_replica[1])) == 12  # 3 global batches of 4

@@ -40,7 +40,7 @@ from trainer.config import (
     register_configs,
     to_train_config,
 )
-from trainer.data import build_datasets
+from trainer.data import build_datasets, build_train_batches
 from trainer.ema import EMA
 from trainer.metrics import Monitor
 from trainer.objective import flow_matching_loss, text_sensitivity
@@ -214,8 +214,7 @@ def train(cfg: TrainConfig, run_dir: Path, config_dict: dict) -> None:
     ema = EMA(engine.ema_tensors(), cfg.recipe.ema_decay,
               getattr(engine, "release_params", None))
     train_data, val_data = build_datasets(cfg.data)
-    batches = ShuffledBatches(train_data, cfg.recipe.batch_size // ctx.dp_size,
-                              cfg.trainer.seed, ctx.dp_rank, ctx.dp_size)
+    batches = build_train_batches(cfg, train_data, ctx)
     guard = NonFiniteGuard(cfg.trainer.max_nonfinite_steps)
     checkpointer = Checkpointer(run_dir / "checkpoints", cfg.trainer.keep_last)
     stateful = {"scheduler": engine.scheduler, "data": batches, "guard": guard}
