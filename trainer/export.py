@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from omegaconf import MISSING, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import MISSING
 from safetensors.torch import save_file
 
+from trainer.run_config import parse_cli_options
 from trainer.sampling import load_trained
 
 
@@ -40,12 +40,8 @@ def export(opts: ExportConfig) -> Path:
 
 
 def main(argv: list[str]) -> None:
-    try:
-        opts = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ExportConfig),
-                                                   OmegaConf.from_cli(argv)))
-    except OmegaConfBaseException as error:
-        raise SystemExit(f"trainer.export: {str(error).splitlines()[0]} (usage: "
-                         f"checkpoint=<run dir> output=<file.safetensors> [ema=true])") from None
+    opts = parse_cli_options(ExportConfig, argv, "trainer.export",
+                             "checkpoint=<run dir> output=<file.safetensors> [ema=true]")
     path = export(opts)
     print(f"wrote {path}")
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 import conf
 from trainer.config import TrainConfig, register_configs, to_train_config
@@ -30,3 +31,13 @@ def load_run_config(run_dir: Path) -> TrainConfig:
     with initialize_config_dir(version_base=None, config_dir=str(CONF_DIR)):
         composed = compose("train", overrides=overrides)
     return to_train_config(OmegaConf.merge(composed, OmegaConf.load(hydra_dir / "config.yaml")))
+
+
+def parse_cli_options(schema: type, argv: list[str], command: str, usage: str):
+    """``key=value`` arguments checked against a dataclass ``schema``; a bad or missing
+    key exits with the problem and the usage line."""
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema),
+                                                   OmegaConf.from_cli(argv)))
+    except OmegaConfBaseException as error:
+        raise SystemExit(f"{command}: {str(error).splitlines()[0]} (usage: {usage})") from None

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from omegaconf import MISSING, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import MISSING
 
+from trainer.run_config import parse_cli_options
 from trainer.sampling import generate, load_trained, write_videos
 
 
@@ -48,12 +48,8 @@ def sample(opts: SampleConfig) -> list[Path]:
 
 
 def main(argv: list[str]) -> None:
-    try:
-        opts = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SampleConfig),
-                                                   OmegaConf.from_cli(argv)))
-    except OmegaConfBaseException as error:
-        raise SystemExit(f"trainer.sample: {str(error).splitlines()[0]} (usage: "
-                         f"checkpoint=<run dir> prompt=\"...\" [key=value ...])") from None
+    opts = parse_cli_options(SampleConfig, argv, "trainer.sample",
+                             'checkpoint=<run dir> prompt="..." [key=value ...]')
     for path in sample(opts):
         print(path)
 
