@@ -40,13 +40,12 @@ CAPTIONS = ["a red square moving left", "a blue circle", "", "a green triangle m
 # nan_grads: backward of a NaN loss on rank 0 only, DeepSpeed drops the step.
 PLAN = ["refused", "nan_loss", "nan_grads", "ok", "ok", "ok"]
 MAX_STEPS = 20
-CASES = {  # name -> (zero_stage, offload_optimizer, offload_params, DeepSpeedCPUAdam)
-    "zero1": (1, False, False, False),
-    "zero2": (2, False, False, False),
-    "zero3": (3, False, False, False),
-    "zero2_offload": (2, True, False, False),
-    "zero3_offload_all": (3, True, True, False),
-    "zero2_offload_cpu_adam": (2, True, False, True),
+CASES = {  # name -> (zero_stage, offload_optimizer, offload_params)
+    "zero1": (1, False, False),
+    "zero2": (2, False, False),
+    "zero3": (3, False, False),
+    "zero2_offload": (2, True, False),
+    "zero3_offload_all": (3, True, True),
 }
 
 
@@ -78,34 +77,17 @@ def tensors_in(state) -> list[torch.Tensor]:
     return []
 
 
-def make_factory(recipe, cpu_adam: bool):
-    from trainer.optim import build_optimizer, lr_factor
-
-    if not cpu_adam:
-        return lambda params: build_optimizer(params, recipe, MAX_STEPS)
-
-    def make(params):
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-        optimizer = DeepSpeedCPUAdam(params, lr=recipe.lr, betas=tuple(recipe.betas),
-                                     eps=recipe.eps, weight_decay=recipe.weight_decay,
-                                     adamw_mode=True)
-        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(
-            step, recipe.warmup_steps, MAX_STEPS, recipe.schedule, recipe.min_lr_ratio))
-    return make
-
-
 def run_case(ctx, name: str, directory: Path) -> dict:
     from trainer.build import build_autoencoder, build_flow, build_model
     from trainer.objective import flow_matching_loss
     from trainer.optim import build_optimizer
     from trainer.train import step_generator
 
-    stage, offload_optimizer, offload_params, cpu_adam = CASES[name]
+    stage, offload_optimizer, offload_params = CASES[name]
     cfg = compose_train(BASE + [f"parallel.zero_stage={stage}"])
     recipe, seed = cfg.recipe, cfg.trainer.seed
     model, reference = build_model(cfg, ctx), build_model(cfg, ctx)
-    engine = DeepSpeedEngine(model, make_factory(recipe, cpu_adam), ctx,
+    engine = DeepSpeedEngine(model, lambda p: build_optimizer(p, recipe, MAX_STEPS), ctx,
                              batch_size=recipe.batch_size, grad_clip=recipe.grad_clip,
                              zero_stage=stage, offload_optimizer=offload_optimizer,
                              offload_params=offload_params)
@@ -248,7 +230,7 @@ def run_cases(names: list[str], root: str) -> dict:
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> dict:
-    names = [name for name in CASES if not CASES[name][3]]
+    names = list(CASES)
     root = tmp_path_factory.mktemp("deepspeed")
     for name in names:
         (root / name).mkdir()
@@ -270,20 +252,9 @@ def check_case(name: str, per_rank: list[dict]) -> None:
         assert result["lr_after_load"] == pytest.approx(1e-3 * (len(PLAN) + 1) / 10), where
 
 
-@pytest.mark.parametrize("name", [name for name in CASES if not CASES[name][3]])
+@pytest.mark.parametrize("name", list(CASES))
 def test_zero_matches_one_process(name, results):
     check_case(name, [result[name] for result in results])
-
-
-@pytest.mark.slow
-def test_zero2_offload_with_deepspeed_cpu_adam(tmp_path):
-    """DeepSpeedCPUAdam JIT-compiles its C++ op on first use: ~3 min on 2 cores, then
-    cached in ~/.cache/torch_extensions."""
-    (tmp_path / "zero2_offload_cpu_adam").mkdir()
-    results = run_distributed(run_cases, 2, ["zero2_offload_cpu_adam"], str(tmp_path),
-                              timeout=600.0)
-    check_case("zero2_offload_cpu_adam", [result["zero2_offload_cpu_adam"]
-                                          for result in results])
 
 
 def test_bad_settings_name_the_key_and_the_fix():
