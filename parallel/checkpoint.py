@@ -194,3 +194,26 @@ def load_deepspeed_state(directory: Path, engine, ema_state: dict) -> dict:
     for name, value in torch.load(path, weights_only=True).items():
         ema_state[name].copy_(value)
     return torch.load(directory / TRAINER_STATE_FILE, weights_only=True)
+
+
+def load_deepspeed_weights(directory: Path, model, ema_state: dict) -> dict:
+    """In one process, whatever ZeRO stage and dp size wrote it: full fp32 weights into a
+    plain ``model`` and the per-rank EMA shards consolidated into ``ema_state`` (full
+    tensors by name); returns the trainer state."""
+    from parallel.deepspeed_engine import import_deepspeed
+
+    import_deepspeed(torch.device("cpu"))
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    model.load_state_dict(get_fp32_state_dict_from_zero_checkpoint(str(directory),
+                                                                   tag="deepspeed"))
+    shards = [torch.load(path, weights_only=True)
+              for path in sorted(directory.glob("ema_rank*.pt"))]
+    for name, target in ema_state.items():
+        pieces = [shard[name] for shard in shards]
+        if pieces[0].shape == target.shape:  # ZeRO-1/2: every rank holds the whole tensor
+            target.copy_(pieces[0])
+        else:  # ZeRO-3: rank r holds the r-th padded chunk of the flattened tensor
+            flat = torch.cat([piece.flatten() for piece in pieces])
+            target.copy_(flat[: target.numel()].view_as(target))
+    return torch.load(directory / TRAINER_STATE_FILE, weights_only=True)

@@ -89,6 +89,8 @@ def test_export_consolidates_a_sharded_checkpoint(tmp_path):
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_deepspeed_zero_trains_like_one_process_and_resumes(tmp_path, stage):
+    from safetensors.torch import load_file
+
     single = tmp_path / "single"
     run(train_cmd(single, *MESH, *QUIET, "trainer.max_steps=5"))
     expected = train_losses(single)
@@ -99,6 +101,18 @@ def test_deepspeed_zero_trains_like_one_process_and_resumes(tmp_path, stage):
     result = run(torchrun_cmd(2, zero, *common, "trainer.max_steps=5"), timeout=600)
     assert "resumed from" in result.stdout
     assert_losses_close(train_losses(zero), expected, range(1, 6))
+    # the DeepSpeed checkpoint exports (and samples) in one process like a native one
+    for ema in (True, False):
+        exported = {}
+        for name, run_dir in (("single", single), ("zero", zero)):
+            exported[name] = tmp_path / f"{name}_{ema}.safetensors"
+            run([sys.executable, "-m", "trainer.export", f"checkpoint={run_dir}",
+                 f"output={exported[name]}", f"ema={str(ema).lower()}"])
+        ours, reference = (load_file(exported[n]) for n in ("zero", "single"))
+        assert ours.keys() == reference.keys()
+        for name, value in reference.items():
+            error = ((ours[name] - value).norm() / value.norm().clamp_min(1e-12)).item()
+            assert error <= 1e-5, (ema, name, error)
 
 
 def replica_keys(overrides):

@@ -12,7 +12,7 @@ from torch import nn
 from data.video import video_to_uint8, write_video
 from models.sampler import euler_sample, guided_velocity, linear_quadratic_schedule
 from models.t2v import TextToVideo
-from parallel.checkpoint import Checkpointer, load_training_state
+from parallel.checkpoint import Checkpointer, load_deepspeed_weights, load_training_state
 from trainer.build import build_autoencoder, build_model, single_process
 from trainer.config import TrainConfig, check_latent_fits
 from trainer.ema import EMA
@@ -61,7 +61,10 @@ def load_trained(checkpoint: Path, device: torch.device, ema: bool = True,
     model = build_model(cfg, single_process(device))
     averaged = EMA({n: p for n, p in model.named_parameters() if p.requires_grad},
                    cfg.recipe.ema_decay)
-    state = load_training_state(step_dir, model, None, averaged.state_dict())
+    if (step_dir / "deepspeed").is_dir():
+        state = load_deepspeed_weights(step_dir, model, averaged.state_dict())
+    else:
+        state = load_training_state(step_dir, model, None, averaged.state_dict())
     if ema:
         averaged.swap()
     return TrainedRun(cfg, run_dir, state["step"], model.eval(), autoencoder, latent_shape)
