@@ -5,7 +5,8 @@ collectives this process issues, in forward and in backward: ``torch.distributed
 arrive as ``c10d.*`` ops and DTensor's redistributions as ``_c10d_functional.*`` ops.
 Checked on gloo/CPU with torch 2.13 (tests/test_context_parallel.py): our context-parallel
 attention, FSDP2 (``fully_shard``: c10d all-gather in forward, reduce-scatter in backward)
-and DTensor ``distribute_tensor``/``redistribute`` (c10d scatter, functional all-gather).
+and DTensor ``distribute_tensor``/``redistribute`` (c10d scatter, functional all-gather),
+including the redistributions DTensor performs implicitly inside an op.
 Other ``torch.distributed`` users (DDP, ``deepspeed.comm``) take the same c10d path;
 torch.compile'd graphs are not checked.
 
@@ -26,6 +27,7 @@ from collections import Counter
 import torch
 from torch.distributed import ProcessGroup
 from torch.distributed.distributed_c10d import _resolve_process_group
+from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 # op name (in c10d or _c10d_functional) -> (kind, the argument holding what this rank sends)
@@ -104,6 +106,12 @@ class CommCounter(TorchDispatchMode):
         return sum(self.sent.values())
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        # A mode runs before tensor subclasses and is off while the op it intercepted runs,
+        # so the collectives DTensor issues inside its own dispatch (implicit
+        # redistributions, e.g. a Partial gradient reduced inside an optimizer op) would
+        # never reach it: let DTensor dispatch first, this mode then sees its local ops.
+        if any(issubclass(t, DTensor) for t in types):
+            return NotImplemented
         kwargs = kwargs or {}
         if func.namespace in _NAMESPACES and func._opname not in _NOT_COLLECTIVES:
             if func._opname in _OPS:

@@ -241,8 +241,19 @@ class _RingShift:
         return self._received
 
 
+SCORE_TILE_ELEMENTS = 1 << 24  # fp32 scores per tile: 64 MiB, whatever the sequence length
+
+
+def _query_tiles(q: torch.Tensor, keys: int) -> list[slice]:
+    """Row ranges of the local queries such that one tile's scores (B, h, rows, keys) stay
+    under SCORE_TILE_ELEMENTS: ring memory does not grow with Ls²."""
+    batch, heads, length = q.shape[:3]
+    rows = max(1, SCORE_TILE_ELEMENTS // max(1, batch * heads * keys))
+    return [slice(start, min(start + rows, length)) for start in range(0, length, rows)]
+
+
 class _RingAttention(torch.autograd.Function):
-    """Ring attention in fp32 math: (B, h, Ls, d) x3 -> (B, h, Ls, d).
+    """Ring attention in fp32 math, tiled over queries: (B, h, Ls, d) x3 -> (B, h, Ls, d).
 
     At step s, rank r holds the K/V chunk of rank (r - s) mod cp and has already posted the
     hop of that chunk to r + 1, so the transfer overlaps the block's compute.
@@ -261,12 +272,14 @@ class _RingAttention(torch.autograd.Function):
             valid = shards.valid_in_block((rank - step) % size)
             if valid:  # a chunk of pure padding contributes nothing (and never an all -inf row)
                 kb, vb = kv[:, :, :, :valid].float()
-                scores = qf @ kb.transpose(-1, -2) * scale
-                block_lse = scores.logsumexp(-1, keepdim=True)
-                block_out = torch.exp(scores - block_lse) @ vb
-                merged = torch.logaddexp(lse, block_lse)
-                out = out * torch.exp(lse - merged) + block_out * torch.exp(block_lse - merged)
-                lse = merged
+                for rows in _query_tiles(q, valid):
+                    scores = qf[..., rows, :] @ kb.transpose(-1, -2) * scale
+                    block_lse = scores.logsumexp(-1, keepdim=True)
+                    block_out = torch.exp(scores - block_lse) @ vb
+                    merged = torch.logaddexp(lse[..., rows, :], block_lse)
+                    out[..., rows, :] = (out[..., rows, :] * torch.exp(lse[..., rows, :] - merged)
+                                         + block_out * torch.exp(block_lse - merged))
+                    lse[..., rows, :] = merged
             if hop is not None:
                 kv = hop.wait()
         ctx.save_for_backward(q, k, v, out, lse)
@@ -293,11 +306,13 @@ class _RingAttention(torch.autograd.Function):
             dkv = torch.zeros_like(kv, dtype=torch.float32)
             if valid:
                 kb, vb = kv[:, :, :, :valid].float()
-                p = torch.exp(qf @ kb.transpose(-1, -2) * scale - lse)
-                ds = p * (dout @ vb.transpose(-1, -2) - delta)
-                dq += scale * (ds @ kb)
-                dkv[0, ..., :valid, :] = scale * (ds.transpose(-1, -2) @ qf)
-                dkv[1, ..., :valid, :] = p.transpose(-1, -2) @ dout
+                for rows in _query_tiles(q, valid):
+                    q_rows, dout_rows = qf[..., rows, :], dout[..., rows, :]
+                    p = torch.exp(q_rows @ kb.transpose(-1, -2) * scale - lse[..., rows, :])
+                    ds = p * (dout_rows @ vb.transpose(-1, -2) - delta[..., rows, :])
+                    dq[..., rows, :] += scale * (ds @ kb)
+                    dkv[0, ..., :valid, :] += scale * (ds.transpose(-1, -2) @ q_rows)
+                    dkv[1, ..., :valid, :] += p.transpose(-1, -2) @ dout_rows
             if partial_dkv is not None:
                 dkv += partial_dkv.wait()
             partial_dkv = _RingShift(dkv.to(k.dtype), group)
@@ -311,8 +326,9 @@ def ring_attention(shards: SequenceShards, q: torch.Tensor, k: torch.Tensor, v: 
                    mask: torch.Tensor | None = None) -> torch.Tensor:
     """Ring attention: K/V chunks circulate, partial results merge by log-sum-exp.
 
-    (B, h, Ls, d) x3 -> (B, h, Ls, d). Blocks are computed in fp32 math (an Ls x Ls score
-    matrix per block); K, V and the dK, dV partial sums travel in the input dtype.
+    (B, h, Ls, d) x3 -> (B, h, Ls, d). Blocks are computed in fp32 math in query tiles of
+    at most SCORE_TILE_ELEMENTS scores; K, V and the dK, dV partial sums travel in the input
+    dtype.
     """
     _check_call(shards, q, mask)
     return _RingAttention.apply(q, k, v, shards)

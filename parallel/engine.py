@@ -70,8 +70,19 @@ class NativeEngine:
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
+    def settle_partial_grads(self) -> None:
+        """Under tensor parallelism without FSDP, a replicated parameter used on sequence
+        shards gets a Partial (unreduced) DTensor gradient. Reduce each once here; left
+        Partial, DTensor would all-reduce it again inside every op that reads it (the grad
+        norm and each AdamW update), 4x the traffic."""
+        for param in self.params:
+            grad = param.grad
+            if isinstance(grad, DTensor) and grad.placements != param.placements:
+                param.grad = grad.redistribute(param.device_mesh, param.placements)
+
     def clip_and_step(self, max_norm: float, allow_update: Callable[[float], bool]) -> float:
         """Clip to ``max_norm`` (inf: measure only), step if ``allow_update(norm)``."""
+        self.settle_partial_grads()
         norm = clip_grads(self.params, max_norm)
         if allow_update(norm):
             self.optimizer.step()

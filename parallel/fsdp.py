@@ -23,14 +23,19 @@ def needs_fsdp(ctx: ParallelContext) -> bool:
 
 def apply_fsdp(model: TextToVideo, ctx: ParallelContext, param_dtype: torch.dtype,
                reduce_dtype: torch.dtype = torch.float32) -> None:
-    """Units: every DiT block, the rest of the DiT (embeddings, final layer), the text
-    conditioner, and the (parameter-free) root. Sampling calls ``model.text`` and
-    ``model.dit`` separately, so each must gather its own parameters. Call on the meta
-    model after TP and CP."""
+    """Units: every DiT block, each frozen text encoder, the rest of the DiT (embeddings,
+    final layer), the rest of the text conditioner, and the (parameter-free) root.
+    Sampling calls ``model.text`` and ``model.dit`` separately, so each must gather its
+    own parameters. Call on the meta model after TP and CP."""
     mesh = ctx.submesh("hsdp" if ctx.dims.dp_replicate > 1 else "dp_shard_cp")
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     for block in model.dit.blocks:
         fully_shard(block, mesh=mesh, mp_policy=policy)
+    for encoder in model.text.encoders.values():
+        # A frozen encoder in its own unit runs without grad, so backward never gathers it
+        # again; sharing a unit with the trainable projections would.
+        if not any(p.requires_grad for p in encoder.parameters()):
+            fully_shard(encoder, mesh=mesh, mp_policy=policy)
     for unit in (model.dit, model.text, model):
         fully_shard(unit, mesh=mesh, mp_policy=policy)
     for module in model.modules():
