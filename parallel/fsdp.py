@@ -10,7 +10,12 @@ forced (gloo has no PREMUL_SUM) and the division happens after the reduction.
 from __future__ import annotations
 
 import torch
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import (
+    FSDPModule,
+    MixedPrecisionPolicy,
+    fully_shard,
+    register_fsdp_forward_method,
+)
 
 from models.t2v import TextToVideo
 from parallel.mesh import ParallelContext
@@ -36,6 +41,7 @@ def apply_fsdp(model: TextToVideo, ctx: ParallelContext, param_dtype: torch.dtyp
         # again; sharing a unit with the trainable projections would.
         if not any(p.requires_grad for p in encoder.parameters()):
             fully_shard(encoder, mesh=mesh, mp_policy=policy)
+            register_fsdp_forward_method(encoder, "encode")  # the conditioner calls encode()
     for unit in (model.dit, model.text, model):
         fully_shard(unit, mesh=mesh, mp_policy=policy)
     for module in model.modules():

@@ -65,15 +65,20 @@ def test_mesh_that_does_not_match_the_process_count_fails_at_start(tmp_path):
             "parallel.cp=2 × parallel.tp=2 = 4") in result.stderr
 
 
-def test_export_consolidates_a_sharded_checkpoint(tmp_path):
-    """A 2-rank FSDP2 run exports one safetensors file equal to loading it in one process."""
+def test_fsdp_resume_at_the_same_mesh_is_bitwise_and_exports(tmp_path):
+    """A 2-rank FSDP2 run resumed at its own mesh repeats the uninterrupted losses exactly,
+    and exports one safetensors file equal to loading it in one process."""
     from safetensors.torch import load_file
 
     from trainer.sampling import load_trained
 
+    fsdp = [*MESH, *QUIET, "parallel.dp_shard=2"]
+    uninterrupted = tmp_path / "uninterrupted"
+    run(torchrun_cmd(2, uninterrupted, *fsdp, "trainer.max_steps=5"), timeout=600)
     run_dir = tmp_path / "fsdp"
-    run(torchrun_cmd(2, run_dir, *MESH, *QUIET, "trainer.max_steps=3", "parallel.dp_shard=2"),
-        timeout=600)
+    run(torchrun_cmd(2, run_dir, *fsdp, "trainer.max_steps=3"), timeout=600)
+    run(torchrun_cmd(2, run_dir, *fsdp, "trainer.max_steps=5"), timeout=600)
+    assert train_losses(run_dir) == train_losses(uninterrupted)  # exact float equality
     output = tmp_path / "weights.safetensors"
     result = run([sys.executable, "-m", "trainer.export", f"checkpoint={run_dir}",
                   f"output={output}", "ema=false"])
