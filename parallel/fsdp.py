@@ -42,6 +42,7 @@ def apply_fsdp(model: TextToVideo, ctx: ParallelContext, param_dtype: torch.dtyp
         if not any(p.requires_grad for p in encoder.parameters()):
             fully_shard(encoder, mesh=mesh, mp_policy=policy)
             register_fsdp_forward_method(encoder, "encode")  # the conditioner calls encode()
+            encoder.set_unshard_in_backward(False)  # and FSDP2's backward prefetch skips it
     for unit in (model.dit, model.text, model):
         fully_shard(unit, mesh=mesh, mp_policy=policy)
     for module in model.modules():
