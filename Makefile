@@ -33,6 +33,9 @@ bench: install
 	$(BIN)/pip install -q -e ".[bench]"
 	$(BIN)/python bench/step.py
 	$(BIN)/python bench/text_following.py checkpoint=runs/t2v_tiny
+	$(BIN)/python bench/parallel_comm.py
+	$(BIN)/python bench/cp_memory.py
+	$(BIN)/python bench/long_context.py
 
 clean:
 	rm -rf $(VENV) runs outputs multirun .pytest_cache
