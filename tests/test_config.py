@@ -132,3 +132,11 @@ def test_launch_env_from_torchrun_slurm_or_nothing():
     assert read_launch_env(slurm).rank == 9 and read_launch_env(slurm).launcher == "slurm"
     with pytest.raises(ValueError, match="SLURM job without MASTER_ADDR"):
         read_launch_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "2"})
+
+
+def test_movie_gen_preset_fits_the_30b_on_64_gpus():
+    from trainer.config import check_parallel_fits
+
+    cfg = compose_train(["experiment=t2v_tiny", "model=dit_30b", "parallel=movie_gen",
+                         "recipe.batch_size=64"])
+    assert check_parallel_fits(cfg, 64).shape == (1, 8, 2, 4)
