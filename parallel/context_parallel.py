@@ -179,26 +179,17 @@ def _heads_to_seq(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     return received.movedim(0, -4).flatten(-4, -3)
 
 
-class _SeqToHeads(torch.autograd.Function):
+class _SwapShardedDim(torch.autograd.Function):
+    """Sequence shards -> head shards (``to_heads``) or back; backward is the reverse swap."""
+
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _seq_to_heads(x, group)
+    def forward(ctx, x, group, to_heads: bool):
+        ctx.group, ctx.to_heads = group, to_heads
+        return (_seq_to_heads if to_heads else _heads_to_seq)(x, group)
 
     @staticmethod
     def backward(ctx, grad):
-        return _heads_to_seq(grad, ctx.group), None
-
-
-class _HeadsToSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _heads_to_seq(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _seq_to_heads(grad, ctx.group), None
+        return (_heads_to_seq if ctx.to_heads else _seq_to_heads)(grad, ctx.group), None, None
 
 
 def ulysses_attention(shards: SequenceShards, q: torch.Tensor, k: torch.Tensor,
@@ -213,10 +204,10 @@ def ulysses_attention(shards: SequenceShards, q: torch.Tensor, k: torch.Tensor,
             f"ulysses context parallel needs heads divisible by cp: {q.size(1)} local heads, "
             f"cp={shards.size}; change the head count or cp (or tp, which divides the heads), "
             f"or use mode allgather_kv or ring, which take any head count")
-    q, k, v = _SeqToHeads.apply(torch.stack([q, k, v]), shards.group).unbind(0)
+    q, k, v = _SwapShardedDim.apply(torch.stack([q, k, v]), shards.group, True).unbind(0)
     length = shards.valid_length
     out = F.scaled_dot_product_attention(q, k.narrow(2, 0, length), v.narrow(2, 0, length))
-    return _HeadsToSeq.apply(out, shards.group)
+    return _SwapShardedDim.apply(out, shards.group, False)
 
 
 class _RingShift:
