@@ -161,22 +161,25 @@ def allgather_kv_attention(shards: SequenceShards, q: torch.Tensor, k: torch.Ten
     return F.scaled_dot_product_attention(q, kv[0], kv[1])
 
 
-def _seq_to_heads(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-    """All-to-all: (..., h, Ls, d) sequence shards -> (..., h/cp, cp*Ls, d) head shards."""
+def _all_to_all(x: torch.Tensor, group: dist.ProcessGroup, split_dim: int,
+                concat_dim: int) -> torch.Tensor:
+    """Chunk p of ``x`` along ``split_dim`` goes to rank p; the chunks received from ranks
+    0..cp-1 are concatenated along ``concat_dim``."""
     size = dist.get_world_size(group)
-    send = x.unflatten(-3, (size, -1)).movedim(-4, 0).contiguous()  # [p]: rank p's heads
-    received = torch.empty_like(send)  # [p]: rank p's tokens of this rank's heads
+    send = torch.stack(x.chunk(size, dim=split_dim)).contiguous()
+    received = torch.empty_like(send)
     dist.all_to_all_single(received, send, group=group)
-    return received.movedim(0, -3).flatten(-3, -2)
+    return torch.cat(received.unbind(0), dim=concat_dim)
+
+
+def _seq_to_heads(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """(..., h, Ls, d) sequence shards -> (..., h/cp, cp*Ls, d) head shards."""
+    return _all_to_all(x, group, split_dim=-3, concat_dim=-2)
 
 
 def _heads_to_seq(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-    """All-to-all: (..., h/cp, cp*Ls, d) head shards -> (..., h, Ls, d) sequence shards."""
-    size = dist.get_world_size(group)
-    send = x.unflatten(-2, (size, -1)).movedim(-3, 0).contiguous()  # [p]: rank p's tokens
-    received = torch.empty_like(send)  # [p]: rank p's heads of this rank's tokens
-    dist.all_to_all_single(received, send, group=group)
-    return received.movedim(0, -4).flatten(-4, -3)
+    """(..., h/cp, cp*Ls, d) head shards -> (..., h, Ls, d) sequence shards."""
+    return _all_to_all(x, group, split_dim=-2, concat_dim=-3)
 
 
 class _SwapShardedDim(torch.autograd.Function):
