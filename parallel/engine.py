@@ -18,6 +18,11 @@ from torch.distributed.tensor import DTensor
 OptimizerFactory = Callable[[list[nn.Parameter]], tuple[torch.optim.Optimizer, object]]
 
 
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a DTensor (a plain tensor is its own)."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
 def total_grad_norm(params: Iterable[nn.Parameter]) -> torch.Tensor:
     """L2 norm of all gradients as one flat vector, whatever mesh each lives on.
 

@@ -11,11 +11,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
-from torch.distributed.tensor import DTensor
 
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+from parallel.engine import local_tensor
 
 
 class EMA:
@@ -36,8 +33,8 @@ class EMA:
     @torch.no_grad()
     def update(self, step: int) -> None:
         weight = 1.0 - self.current_decay(step)
-        torch._foreach_lerp_([_local(s) for s in self.shadow.values()],
-                             [_local(self.params[name]).detach() for name in self.shadow],
+        torch._foreach_lerp_([local_tensor(s) for s in self.shadow.values()],
+                             [local_tensor(self.params[name]).detach() for name in self.shadow],
                              weight)
 
     @contextmanager
@@ -55,7 +52,7 @@ class EMA:
         if self.before_swap is not None:
             self.before_swap()
         for name, shadow in self.shadow.items():
-            param, shadow = _local(self.params[name]).detach(), _local(shadow)
+            param, shadow = local_tensor(self.params[name]).detach(), local_tensor(shadow)
             saved = param.clone()
             param.copy_(shadow)
             shadow.copy_(saved)
@@ -70,4 +67,4 @@ class EMA:
             raise KeyError(f"EMA state lacks {len(missing)} parameters, e.g. {sorted(missing)[0]}")
         for name, shadow in self.shadow.items():
             value = state[name]
-            _local(shadow).copy_(_local(value))
+            local_tensor(shadow).copy_(local_tensor(value))
