@@ -1,0 +1,416 @@
+"""Training batches from webdataset tar shards of videos and images.
+
+Shard format: a sample is the tar members sharing a key (the name up to its first dot):
+``KEY.mp4|webm|mkv|mov`` or ``KEY.jpg|jpeg|png|webp`` (an image is a one-frame video),
+``KEY.txt`` caption and/or ``KEY.json`` metadata (caption, duration, fps, width, height,
+clip ``start``/``end`` in seconds, sampling ``weight``: a sample is used floor(weight)
+times per epoch, plus once more with probability equal to the fraction).
+
+Order and resume. Epoch e shuffles the shard list with (seed, e); data-parallel rank r
+takes every dp_size-th shard from r, DataLoader worker w every num_workers-th of those.
+A worker reads its shards in order; a position is (epoch, shard, sample, copy).
+Decoded samples wait in their bucket until the bucket holds a batch. A worker's state is
+its read cursor plus the positions still waiting in buckets: on resume it re-reads only
+those, skips everything else before the cursor undecoded, and so yields every sample of
+the epoch exactly once.
+
+Bad data never stops iteration: the sample (or the rest of a truncated shard) is skipped,
+logged with its key and shard, and counted by reason in ``ShardBatches.skipped``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import random
+import tarfile
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import av
+import numpy as np
+import torch
+import webdataset as wds
+from braceexpand import braceexpand
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.tariterators import base_plus_ext, tar_file_iterator
+
+from data.buckets import Bucket, BucketGrid
+from data.loader import collate
+from data.video import uint8_to_video
+
+log = logging.getLogger(__name__)
+
+VIDEO_EXTS = ("mp4", "webm", "mkv", "mov")
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+def write_shard(path: str | os.PathLike, samples: Iterable[dict[str, Any]]) -> None:
+    """Write samples ``{"__key__": key, ext: bytes | str | dict}`` to a tar at `path`.
+
+    str members are UTF-8 encoded, dicts JSON encoded. The tar is written to
+    ``path + ".tmp"`` and renamed, so a reader never sees a half-written shard.
+    """
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    try:
+        with tarfile.open(tmp, "w") as tar:
+            for sample in samples:
+                key = sample["__key__"]
+                for ext, value in sample.items():
+                    if ext == "__key__":
+                        continue
+                    if isinstance(value, dict):
+                        value = json.dumps(value)
+                    data = value.encode("utf-8") if isinstance(value, str) else bytes(value)
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def expand_shards(pattern: str | list[str]) -> list[str]:
+    """Brace-expand shard patterns; local paths must exist (URLs and ``pipe:`` are kept)."""
+    patterns = [pattern] if isinstance(pattern, str) else list(pattern)
+    urls = [url for p in patterns for url in braceexpand(p)]
+    local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
+    missing = [u for u in local if not os.path.isfile(u)]
+    if not urls or missing:
+        raise ValueError(f"data.shards={pattern!r} matches no shard"
+                         + (f": {len(missing)} of {len(urls)} files are missing, e.g. "
+                            f"{missing[0]!r}" if missing else ""))
+    return urls
+
+
+class Skip(Exception):
+    """A sample that cannot be used; `reason` is the counter key."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+def _fit(frame: av.VideoFrame, bucket: Bucket) -> np.ndarray:
+    """Resize to cover the bucket frame, centre-crop: uint8 (height, width, 3)."""
+    scale = max(bucket.height / frame.height, bucket.width / frame.width)
+    w = max(bucket.width, round(frame.width * scale))
+    h = max(bucket.height, round(frame.height * scale))
+    array = frame.reformat(width=w, height=h, format="rgb24").to_ndarray()
+    top, left = (h - bucket.height) // 2, (w - bucket.width) // 2
+    return array[top: top + bucket.height, left: left + bucket.width]
+
+
+def decode_image(data: bytes, grid: BucketGrid) -> tuple[np.ndarray, Bucket]:
+    """Image bytes -> uint8 frames (1, H, W, 3) in its T = 1 bucket."""
+    try:
+        image = Image.open(io.BytesIO(data)).convert("RGB")
+    except (OSError, ValueError) as err:
+        raise Skip("corrupt_image", str(err)) from err
+    bucket = grid.assign(image.height, image.width, None)
+    return _fit(av.VideoFrame.from_image(image), bucket)[None], bucket
+
+
+def _number(meta: dict, name: str, default: float | None) -> float | None:
+    """A non-negative finite number from the json metadata (seconds or a weight)."""
+    value = meta.get(name, default)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
+                              or not 0 <= value < math.inf):
+        raise Skip("bad_json", f"{name}={value!r} must be a finite number >= 0")
+    return value
+
+
+def decode_video(data: bytes, meta: dict, fps: float,
+                 grid: BucketGrid) -> tuple[np.ndarray, Bucket]:
+    """Video bytes -> uint8 frames (T, H, W, 3) sampled at `fps` from the clip start.
+
+    Frame k is the first source frame at or after ``start + k / fps`` less half a source
+    frame period, so a slower source repeats frames and a faster one drops them.
+    """
+    start, end = _number(meta, "start", 0.0), _number(meta, "end", None)
+    try:
+        with av.open(io.BytesIO(data)) as container:
+            if not container.streams.video:
+                raise Skip("no_video_stream")
+            stream = container.streams.video[0]
+            if getattr(stream, "codec_context", None) is None:
+                raise Skip("unsupported_codec", "this FFmpeg build has no decoder for it")
+            ctx = stream.codec_context
+            if end is None:
+                seconds = (float(stream.duration * stream.time_base) if stream.duration
+                           else (container.duration or 0) / av.time_base)
+                end = seconds or _number(meta, "duration", 0.0)
+            available = math.floor((end - start) * fps + 1e-6)
+            bucket = grid.assign(ctx.height, ctx.width, available)
+            if bucket is None:
+                raise Skip("too_short", f"{available} frames at {fps} fps, shortest bucket "
+                                        f"is {grid.durations[0]}")
+            if start > 0:
+                container.seek(int(start / stream.time_base), stream=stream)
+            src_fps = float(stream.average_rate or stream.guessed_rate or fps)
+            slack = 0.5 / src_fps
+            frames: list[np.ndarray] = []
+            for frame in container.decode(stream):
+                fitted = None
+                time = frame.time if frame.time is not None else math.inf
+                while len(frames) < bucket.frames and time >= start + len(frames) / fps - slack:
+                    fitted = _fit(frame, bucket) if fitted is None else fitted
+                    frames.append(fitted)
+                if len(frames) == bucket.frames:
+                    return np.stack(frames), bucket
+    except av.FFmpegError as err:
+        raise Skip("corrupt_video", str(err)) from err
+    raise Skip("too_few_frames", f"decoded {len(frames)} of {bucket.frames} frames")
+
+
+class VideoShards(IterableDataset):
+    """Batches {video (B, 3, T, H, W) in [-1, 1], fps (B,), caption, key, bucket [T, H, W]}
+    of this data-parallel rank, each from one bucket. `epochs=None` loops forever,
+    carrying part-filled buckets across epochs; a finite run flushes them at the end as
+    smaller batches. Each batch also carries its worker's state under ``_state``."""
+
+    def __init__(self, shards: str | list[str], grid: BucketGrid, fps: float, seed: int = 0,
+                 dp_rank: int = 0, dp_size: int = 1, epochs: int | None = None):
+        if not 0 <= dp_rank < dp_size:
+            raise ValueError(f"dp_rank={dp_rank} must lie in [0, dp_size={dp_size})")
+        self.urls = expand_shards(shards)
+        if len(self.urls) < dp_size:
+            raise ValueError(f"data.shards={shards!r} has {len(self.urls)} shards, fewer "
+                             f"than the {dp_size} data-parallel ranks it must feed")
+        self.grid, self.fps, self.seed, self.epochs = grid, fps, seed, epochs
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.resume: dict[int, dict] = {}  # worker -> state; set before workers start
+
+    def worker_shards(self, epoch: int, worker: int, num_workers: int) -> list[str]:
+        order = list(range(len(self.urls)))
+        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+        return [self.urls[i] for i in order[self.dp_rank::self.dp_size][worker::num_workers]]
+
+    def _read(self, url: str, skipped: Counter) -> Iterator[tuple[int, str, dict[str, bytes]]]:
+        """(index, key, {ext: bytes}) per sample; a broken tar ends the shard, counted."""
+        index, key, members = 0, None, {}
+        try:
+            with wds.gopen(url) as stream:
+                for member in tar_file_iterator(stream):
+                    base, ext = base_plus_ext(member["fname"])
+                    if base is None:
+                        continue
+                    if base != key and key is not None:
+                        yield index, key, members
+                        index, members = index + 1, {}
+                    key, members[ext.lower()] = base, member["data"]
+        except (OSError, tarfile.TarError, ValueError) as err:
+            skipped["bad_shard"] += 1
+            log.warning("skipping the rest of shard %s after sample %s: %s", url, key, err)
+            return  # the half-read last sample is lost with the rest of the shard
+        if key is not None:
+            yield index, key, members
+
+    def copies(self, key: str, meta: dict, epoch: int) -> int:
+        """How often the sample is used in `epoch`: its curation ``weight``, with the
+        fraction a coin flip seeded by (seed, epoch, key), reproducible across resumes."""
+        weight = _number(meta, "weight", 1.0)
+        digest = hashlib.blake2b(f"{self.seed}/{epoch}/{key}".encode(), digest_size=8).digest()
+        return math.floor(weight) + (int.from_bytes(digest, "big") / 2**64 < weight % 1)
+
+    def load_sample(self, key: str, members: dict[str, bytes],
+                    epoch: int) -> tuple[dict[str, Any] | None, int]:
+        """(sample {video (3, T, H, W), fps, caption, key, bucket}, copies this epoch);
+        (None, 0) when the weight drops it, undecoded. Raises Skip on bad data."""
+        if not all(members.values()):
+            raise Skip("empty_member", str([e for e, d in members.items() if not d]))
+        meta: Any = {}
+        if "json" in members:
+            try:
+                meta = json.loads(members["json"])
+            except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                raise Skip("bad_json", str(err)) from err
+            if not isinstance(meta, dict):
+                raise Skip("bad_json", f"expected an object, got {type(meta).__name__}")
+        caption = members["txt"].decode("utf-8", "replace") if "txt" in members \
+            else meta.get("caption")
+        if not isinstance(caption, str) or not caption.strip():
+            raise Skip("missing_caption")
+        copies = self.copies(key, meta, epoch)
+        if not copies:
+            return None, 0
+        video_ext = next((e for e in VIDEO_EXTS if e in members), None)
+        image_ext = next((e for e in IMAGE_EXTS if e in members), None)
+        if video_ext:
+            frames, bucket = decode_video(members[video_ext], meta, self.fps, self.grid)
+            # Movie Gen conditions the frame rate through the text.
+            caption = f"{caption.strip()} FPS-{self.fps:g}"
+        elif image_ext:
+            frames, bucket = decode_image(members[image_ext], self.grid)
+        else:
+            raise Skip("no_media", f"members {sorted(members)}")
+        sample = {"video": uint8_to_video(torch.from_numpy(frames)), "fps": self.fps,
+                  "caption": caption.strip(), "key": key, "bucket": bucket}
+        return sample, copies
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        # A position is (epoch, shard, sample, copy); the cursor is the next one to read.
+        state = self.resume.get(worker, {"cursor": [0, 0, 0, 0], "pending": [], "skipped": {}})
+        cursor = tuple(state["cursor"])
+        replay = {tuple(p) for p in state["pending"]}
+        replay_samples = {p[:3] for p in replay}
+        skipped = Counter(state["skipped"])
+        buckets: dict[Bucket, list[tuple[tuple, dict]]] = {}
+
+        def tagged(batch: dict[str, Any]) -> dict[str, Any]:
+            pending = [list(p) for b in buckets.values() for p, _ in b]
+            state = {"cursor": list(cursor), "pending": pending, "skipped": dict(skipped)}
+            return {**batch, "_worker": worker, "_state": state}
+
+        def emit(bucket: Bucket) -> dict[str, Any]:
+            batch = collate([s for _, s in buckets.pop(bucket)])
+            return tagged({**batch, "bucket": [bucket.frames, bucket.height, bucket.width]})
+
+        epoch = min([cursor, *replay])[0]
+        while self.epochs is None or epoch < self.epochs:
+            shards = self.worker_shards(epoch, worker, num_workers)
+            if not shards:  # more workers than this rank has shards
+                return
+            whole_epoch, fresh_good = cursor <= (epoch, 0, 0, 0), 0
+            for s, url in enumerate(shards):
+                if (epoch, s) < cursor[:2] and not any(p[:2] == (epoch, s) for p in replay):
+                    continue  # consumed before the checkpoint: not even opened
+                # a shard re-read for its pending samples had its errors counted already
+                counter = skipped if (epoch, s + 1, 0, 0) > cursor else Counter()
+                for i, key, members in self._read(url, counter):
+                    is_fresh = (epoch, s, i) >= cursor[:3]
+                    if not is_fresh and (epoch, s, i) not in replay_samples:
+                        continue
+                    if is_fresh:
+                        cursor = (epoch, s, i + 1, 0)
+                    try:
+                        sample, copies = self.load_sample(key, members, epoch)
+                    except Skip as skip:
+                        skipped[skip.reason] += is_fresh
+                        log.warning("skipping sample %s of shard %s: %s", key, url, skip)
+                        continue
+                    except Exception:  # a decoder failing in a way not foreseen above
+                        skipped["decode_error"] += is_fresh
+                        log.exception("skipping sample %s of shard %s", key, url)
+                        continue
+                    if sample is None:
+                        skipped["dropped_by_weight"] += is_fresh
+                        continue
+                    fresh_good += is_fresh
+                    bucket = sample.pop("bucket")
+                    for c in range(copies):
+                        if is_fresh or (epoch, s, i, c) in replay:
+                            buckets.setdefault(bucket, []).append(((epoch, s, i, c), sample))
+                            if len(buckets[bucket]) == self.grid.batch_size(bucket):
+                                yield emit(bucket)
+                cursor = max(cursor, (epoch, s + 1, 0, 0))
+            if whole_epoch and not fresh_good:  # else it would loop forever, yielding nothing
+                log.error("worker %d of dp rank %d found no usable sample in epoch %d of "
+                          "shards %s; it stops", worker, self.dp_rank, epoch, shards)
+                yield tagged({})  # no batch: only the skip counts, for the error message
+                return
+            epoch += 1
+            cursor = max(cursor, (epoch, 0, 0, 0))
+        while buckets:  # the last epoch's part-filled buckets, oldest first
+            yield emit(min(buckets, key=lambda b: buckets[b][0][0]))
+
+
+class ShardBatches:
+    """Iterates a VideoShards through DataLoader workers and tracks the state of the
+    batches handed out (not of those prefetched), for checkpoints of this dp rank."""
+
+    def __init__(self, dataset: VideoShards, num_workers: int = 0, prefetch_factor: int = 2):
+        self.dataset, self.num_workers, self.prefetch_factor = dataset, num_workers, prefetch_factor
+        self._states: dict[int, dict] = {}
+
+    @property
+    def skipped(self) -> Counter:
+        """Samples (and shards) skipped so far, by reason, over all workers, as of the
+        batches handed out; ``dropped_by_weight`` counts samples of weight-0 draws."""
+        return sum((Counter(s["skipped"]) for s in self._states.values()), Counter())
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        self.dataset.resume = dict(self._states)
+        loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
+                            prefetch_factor=self.prefetch_factor if self.num_workers else None)
+        for batch in loader:
+            self._states[batch.pop("_worker")] = batch.pop("_state")
+            if batch:
+                yield batch
+        if self.dataset.epochs is None:
+            raise RuntimeError(f"no usable sample in data.shards (skipped: {dict(self.skipped)})")
+
+    def _identity(self) -> dict[str, int]:
+        d = self.dataset
+        return {"dp_rank": d.dp_rank, "dp_size": d.dp_size, "num_workers": self.num_workers,
+                "seed": d.seed, "num_shards": len(d.urls)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**self._identity(), "workers": {str(w): s for w, s in self._states.items()}}
+
+    def load_state_dict(self, state: dict[str, Any] | list[dict[str, Any]]) -> None:
+        """This rank's state, or a list of every rank's states (this dp rank's is used)."""
+        if isinstance(state, list):
+            mine = [s for s in state if s["dp_rank"] == self.dataset.dp_rank]
+            if not mine:
+                raise ValueError(f"the checkpoint holds no data state for dp rank "
+                                 f"{self.dataset.dp_rank} (it was written with dp_size="
+                                 f"{state[0]['dp_size'] if state else '?'})")
+            state = mine[0]
+        for key, value in self._identity().items():
+            if state[key] != value:
+                raise ValueError(
+                    f"cannot resume the webdataset position: the checkpoint was written with "
+                    f"{key}={state[key]}, this run has {key}={value}; shards are split by "
+                    f"data-parallel rank and worker, so samples would repeat or be skipped. "
+                    f"Resume with the same parallel dp size, data.num_workers, data.seed "
+                    f"and data.shards")
+        self._states = {int(w): s for w, s in state["workers"].items()}
+
+
+@dataclass
+class WebDatasetConfig:
+    shards: str = "shards/{000000..000009}.tar"
+    fps: float = 16.0
+    # (height, width) per aspect ratio: 1:1, 16:9, 9:16, 4:3, 3:4 at ~256² pixels.
+    sizes: list[list[int]] = field(default_factory=lambda: [
+        [256, 256], [192, 336], [336, 192], [224, 288], [288, 224]])
+    durations: list[int] = field(default_factory=lambda: [32, 64, 128, 192, 256])
+    batch_sizes: list[int] = field(default_factory=lambda: [8, 4, 2, 1, 1])  # per dp rank
+    image_batch_size: int = 16
+    num_workers: int = 2
+    prefetch_factor: int = 2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.fps <= 0:
+            raise ValueError(f"data.fps={self.fps} must be positive")
+        if self.num_workers < 0 or self.prefetch_factor < 1:
+            raise ValueError(f"data.num_workers={self.num_workers} must be >= 0 and "
+                             f"data.prefetch_factor={self.prefetch_factor} >= 1")
+        try:
+            self.grid()
+        except ValueError as err:
+            raise ValueError(f"data.{err}") from None
+
+    def grid(self) -> BucketGrid:
+        return BucketGrid(self.sizes, self.durations, self.batch_sizes, self.image_batch_size)
+
+
+def build_shard_batches(cfg: WebDatasetConfig, dp_rank: int, dp_size: int,
+                        epochs: int | None = None) -> ShardBatches:
+    dataset = VideoShards(cfg.shards, cfg.grid(), cfg.fps, cfg.seed, dp_rank, dp_size, epochs)
+    return ShardBatches(dataset, cfg.num_workers, cfg.prefetch_factor)
