@@ -130,6 +130,14 @@ class ParallelContext:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def gather_objects(self, obj) -> list:
+        """Every rank's ``obj`` (picklable), in rank order, on every rank."""
+        if not self.distributed:
+            return [obj]
+        gathered = [None] * self.world_size
+        dist.all_gather_object(gathered, obj)
+        return gathered
+
     def mean_over_dp(self, value: torch.Tensor) -> float:
         """Mean of a per-replica value over the data-parallel replicas (gloo has no AVG)."""
         if not self.distributed or self.dp_size == 1:

@@ -59,7 +59,7 @@ def test_cross_group_checks_name_both_sides():
     with pytest.raises(ConfigError, match="model.patch_h=2 does not divide the latent h-size 17"):
         check_latent_fits(cfg, build_autoencoder(cfg, "cpu"))
     cfg = compose_train(["data.width=31"])
-    with pytest.raises(ConfigError, match="data.frames/height/width=8/32/31"):
+    with pytest.raises(ConfigError, match="data frames/height/width=8/32/31"):
         check_latent_fits(cfg, build_autoencoder(cfg, "cpu"))
     cfg = compose_train(["model.max_patches_t=4"])
     with pytest.raises(ConfigError, match="exceeds model.max_patches_t=4"):

@@ -16,6 +16,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from data.shards import WebDatasetConfig
 from models.dit import DiTConfig, patch_grid
 from parallel.mesh import MeshDims
 
@@ -208,6 +209,7 @@ def register_configs() -> None:
     cs.store(group="text", name="text_schema", node=TextConfig)
     cs.store(group="text/encoder", name="byte_schema", node=ByteTextEncoderConfig)
     cs.store(group="data", name="synthetic_schema", node=SyntheticDataConfig)
+    cs.store(group="data", name="webdataset_schema", node=WebDatasetConfig)
     cs.store(group="parallel", name="parallel_schema", node=ParallelConfig)
     cs.store(group="recipe", name="recipe_schema", node=RecipeConfig)
 
@@ -243,21 +245,30 @@ def check_parallel_fits(cfg: TrainConfig, world_size: int) -> MeshDims:
     return dims
 
 
-def check_latent_fits(cfg: TrainConfig, autoencoder: Any) -> tuple[int, int, int, int]:
-    """The data's shape must pass the autoencoder and fit the DiT's patches and tables.
+def sample_shapes(data: Any) -> list[tuple[int, int, int]]:
+    """Every (frames, height, width) a batch of this data config can have."""
+    if isinstance(data, WebDatasetConfig):
+        return [(b.frames, b.height, b.width) for b in data.grid().shapes()]
+    return [(data.frames, data.height, data.width)]
 
-    Returns the latent shape (C, T, H, W) of one sample.
+
+def check_latent_fits(cfg: TrainConfig, autoencoder: Any) -> tuple[int, int, int, int]:
+    """Every shape the data can produce must pass the autoencoder and fit the DiT's patches
+    and tables.
+
+    Returns the latent shape (C, T, H, W) with the most tokens (the one sampled).
     """
-    model, data = cfg.model, cfg.data
-    try:
-        latent = autoencoder.latent_shape(data.frames, data.height, data.width)
-    except ValueError as error:
-        raise ConfigError(f"data.frames/height/width={data.frames}/{data.height}/{data.width}"
-                          f" do not fit the autoencoder: {error}") from error
-    try:
-        patch_grid(model, latent)
-    except ValueError as error:
-        raise ConfigError(f"{error} (latent {tuple(latent)} from data.frames/height/width="
-                          f"{data.frames}/{data.height}/{data.width} through the "
-                          f"autoencoder)") from error
-    return latent
+    latents = []
+    for frames, height, width in sample_shapes(cfg.data):
+        where = f"data frames/height/width={frames}/{height}/{width}"
+        try:
+            latent = autoencoder.latent_shape(frames, height, width)
+        except ValueError as error:
+            raise ConfigError(f"{where} do not fit the autoencoder: {error}") from error
+        try:
+            patch_grid(cfg.model, latent)
+        except ValueError as error:
+            raise ConfigError(f"{error} (latent {tuple(latent)} from {where} through the "
+                              f"autoencoder)") from error
+        latents.append(tuple(latent))
+    return max(latents, key=lambda latent: latent[1] * latent[2] * latent[3])

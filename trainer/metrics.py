@@ -24,10 +24,9 @@ class Monitor:
     """``enabled=False`` (every rank but 0) measures data wait but writes nothing."""
 
     def __init__(self, cfg: TrainConfig, run_dir: Path, config_dict: dict[str, Any],
-                 start_step: int, tokens_per_step: int, enabled: bool = True):
+                 start_step: int, enabled: bool = True):
         self.run_dir = run_dir
         self.log_every = cfg.trainer.log_every
-        self.tokens_per_step = tokens_per_step
         self.jsonl = open(run_dir / "metrics.jsonl" if enabled else os.devnull, "a",
                           buffering=1)
         self.wandb_run = self._start_wandb(cfg, config_dict) if enabled else None
@@ -37,6 +36,7 @@ class Monitor:
         self.data_wait = 0.0
         self.window_start = time.perf_counter()
         self.window_steps = 0
+        self.window_tokens = 0
 
     def _start_wandb(self, cfg: TrainConfig, config_dict: dict[str, Any]):
         if cfg.trainer.wandb.mode.value == "disabled":
@@ -62,21 +62,24 @@ class Monitor:
         """Append one event to metrics.jsonl."""
         self.jsonl.write(json.dumps({"kind": kind, "step": step, **values}) + "\n")
 
-    def log_train_step(self, step: int, loss: float, **values: Any) -> None:
+    def log_train_step(self, step: int, loss: float, tokens: int, **values: Any) -> None:
+        """``tokens``: video tokens of the step's global batch."""
         self.record("train", step, loss=loss, **values)
         self.window_steps += 1
+        self.window_tokens += tokens
         self.bar.update(1)
         if step % self.log_every and step != 1:
             return
         elapsed = max(time.perf_counter() - self.window_start, 1e-9)
         rates = {"steps_per_s": self.window_steps / elapsed,
-                 "tokens_per_s": self.window_steps * self.tokens_per_step / elapsed,
+                 "tokens_per_s": self.window_tokens / elapsed,
                  "data_wait_fraction": self.data_wait / elapsed}
         self.bar.set_postfix(loss=f"{loss:.4f}", steps_s=f"{rates['steps_per_s']:.2f}",
                              tok_s=f"{rates['tokens_per_s']:.0f}")
         self.log_wandb({"train/loss": loss, **{f"train/{k}": v for k, v in values.items()},
                         **{f"perf/{k}": v for k, v in rates.items()}}, step)
         self.window_start, self.window_steps, self.data_wait = time.perf_counter(), 0, 0.0
+        self.window_tokens = 0
 
     def log_wandb(self, values: dict[str, Any], step: int) -> None:
         if self.wandb_run is not None:

@@ -95,7 +95,7 @@ def train_step(cfg, step, batch, engine, autoencoder, flow, ema, guard, ctx) -> 
         loss = flow_matching_loss(engine.module, autoencoder, flow,
                                   batch["video"].to(ctx.device), batch["caption"],
                                   step_generator(cfg.trainer.seed, step),
-                                  cfg.recipe.caption_dropout, rows, cfg.recipe.batch_size)
+                                  cfg.recipe.caption_dropout, rows, local * ctx.dp_size)
     loss_value, grad_norm = ctx.mean_over_dp(loss), math.nan
     lr = engine.scheduler.get_last_lr()[0]
     if math.isfinite(loss_value):
@@ -198,6 +198,14 @@ def restore(checkpointer: Checkpointer, engine, ema: EMA, stateful: dict) -> int
     return state["step"]
 
 
+def global_tokens(cfg: TrainConfig, autoencoder, batch, ctx: ParallelContext) -> int:
+    """Video tokens in the step's global batch, counting every replica's batch at this rank's
+    shape (exact for map-style data; with shard buckets the shapes may differ)."""
+    batch_size, _, frames, height, width = batch["video"].shape
+    grid = patch_grid(cfg.model, autoencoder.latent_shape(frames, height, width))
+    return batch_size * ctx.dp_size * math.prod(grid)
+
+
 def start_parallel(cfg: TrainConfig) -> ParallelContext:
     dims = check_parallel_fits(cfg, read_launch_env().world_size)
     return init_parallel(dims, torch.device(cfg.trainer.device).type)
@@ -219,21 +227,23 @@ def train(cfg: TrainConfig, run_dir: Path, config_dict: dict) -> None:
     checkpointer = Checkpointer(run_dir / "checkpoints", cfg.trainer.keep_last)
     stateful = {"scheduler": engine.scheduler, "data": batches, "guard": guard}
     step = restore(checkpointer, engine, ema, stateful)
-    tokens_per_step = cfg.recipe.batch_size * math.prod(patch_grid(cfg.model, latent_shape))
-    monitor = Monitor(cfg, run_dir, config_dict, step, tokens_per_step, enabled=ctx.is_main)
+    monitor = Monitor(cfg, run_dir, config_dict, step, enabled=ctx.is_main)
     trainable = sum(getattr(p, "ds_numel", p.numel()) for p in engine.params)
-    monitor.write(f"{trainable:,} trainable parameters; "
-                  f"{tokens_per_step:,} video tokens per step; mesh {ctx.dims}; "
-                  f"run dir {run_dir}")
+    monitor.write(f"{trainable:,} trainable parameters; at most "
+                  f"{math.prod(patch_grid(cfg.model, latent_shape)):,} video tokens per "
+                  f"sample; mesh {ctx.dims}; run dir {run_dir}")
     data_iter = iter(batches)
     while step < cfg.trainer.max_steps:
         with monitor.waiting_for_data():
             batch = next(data_iter)
         step += 1
         metrics = train_step(cfg, step, batch, engine, autoencoder, flow, ema, guard, ctx)
-        monitor.log_train_step(step, **metrics)
+        metrics |= {f"skipped_{reason}": count
+                    for reason, count in getattr(batches, "skipped", {}).items()}
+        monitor.log_train_step(step, tokens=global_tokens(cfg, autoencoder, batch, ctx),
+                               **metrics)
         last = step == cfg.trainer.max_steps
-        if step % cfg.trainer.val_every == 0 or last:
+        if (step % cfg.trainer.val_every == 0 or last) and val_data is not None:
             log_validation(cfg, step, model, ema, autoencoder, flow, val_data, device, monitor)
         if (step % cfg.trainer.sample_every == 0 or last) and cfg.trainer.sample_prompts:
             with ema.swapped_in():
