@@ -1,0 +1,216 @@
+"""Curate raw video shards: ``python -m data.curate input='raw/{000000..000099}.tar'
+output=curated/ [workers=N] [wandb=offline|online|disabled] [config=conf.yaml]
+[filters.NAME.THRESHOLD=value ...] [balance.num_clusters=K]``, or a folder of videos:
+``input=videos/ captions=captions.jsonl [shard_size=100]`` (lines ``{"file": path under
+the folder, "caption": ...}``; curated shards are then numbered 000000.tar, ...).
+
+Runs the filter chain of `conf/curate/default.yaml` (or `config=`) over every sample,
+one worker process per shard, then near-duplicates across the whole dataset and concept
+balancing, and writes curated shards of the same names under `output/`, `report.json`
+(samples and hours each filter removed, with reasons) and a funnel table on stdout,
+also logged to wandb. See `data/curation/job.py` for the passes and how restarts work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from braceexpand import braceexpand
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+import conf
+from data.curation import FILTERS, SCORERS
+from data.curation.job import (
+    dedup_and_balance,
+    filter_shard,
+    funnel,
+    funnel_table,
+    read_json,
+    write_curated_shard,
+    write_json,
+)
+
+DEFAULT_CONFIG = Path(conf.__file__).resolve().parent / "curate" / "default.yaml"
+USAGE = "python -m data.curate input='raw/{000000..000099}.tar' output=curated/ [key=value ...]"
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+@dataclass
+class CurateConfig:
+    input: str = ""  # brace pattern of raw tar shards, or a folder of videos
+    captions: str = ""  # with a folder input: JSONL lines {"file": ..., "caption": ...}
+    shard_size: int = 100  # with a folder input: videos per curated shard
+    output: str = ""  # folder for the curated shards, report.json and .work/
+    config: str = str(DEFAULT_CONFIG)  # filter order and thresholds
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    wandb: str = "offline"
+    project: str = "cinetron-curation"
+    # Threshold overrides laid over the YAML: filters.<filter name>.<field>=value
+    filters: dict[str, dict[str, Any]] = field(default_factory=dict)
+    balance: dict[str, Any] = field(default_factory=dict)  # balance.<field>=value
+
+
+def parse_options(argv: list[str]) -> CurateConfig:
+    try:
+        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(CurateConfig),
+                                                  OmegaConf.from_cli(argv)))
+    except OmegaConfBaseException as err:
+        raise SystemExit(f"data.curate: {str(err).splitlines()[0]} (usage: {USAGE})") from None
+    if not cfg.input:
+        raise SystemExit(f"data.curate: input= is required (usage: {USAGE})")
+    if not cfg.output:
+        raise SystemExit(f"data.curate: output= is required (usage: {USAGE})")
+    if cfg.workers < 1:
+        raise SystemExit(f"data.curate: workers={cfg.workers} must be >= 1")
+    if cfg.wandb not in WANDB_MODES:
+        raise SystemExit(f"data.curate: wandb={cfg.wandb!r} must be one of {WANDB_MODES}")
+    return cfg
+
+
+def input_sources(cfg: CurateConfig) -> list[tuple[str, str | dict]]:
+    """(curated shard name, raw source) pairs: brace-expanded tar paths, which must all
+    exist and differ in file name, or chunks of a folder's captions JSONL."""
+    if cfg.captions:
+        return folder_sources(cfg.input, cfg.captions, cfg.shard_size)
+    paths = [os.path.abspath(p) for p in braceexpand(cfg.input)]
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        hint = " (a folder of videos needs captions=FILE.jsonl)" if os.path.isdir(cfg.input) else ""
+        raise SystemExit(f"data.curate: input={cfg.input!r}: {len(missing)} of {len(paths)} "
+                         f"shards do not exist, e.g. {missing[0]!r}{hint}")
+    names = [os.path.basename(p) for p in paths]
+    if len(set(names)) < len(names):
+        raise SystemExit(f"data.curate: input={cfg.input!r} has shards of the same file name "
+                         f"in different folders; curated shards are named after them")
+    return list(zip(names, paths, strict=True))
+
+
+def folder_sources(folder: str, captions: str, shard_size: int) -> list[tuple[str, dict]]:
+    if not os.path.isdir(folder):
+        raise SystemExit(f"data.curate: input={folder!r} is not a folder (with captions=)")
+    if shard_size < 1:
+        raise SystemExit(f"data.curate: shard_size={shard_size} must be >= 1")
+    items = []
+    try:
+        lines = Path(captions).read_text().splitlines()
+    except OSError as err:
+        raise SystemExit(f"data.curate: captions={captions!r} cannot be read: {err}") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+            items.append([str(entry["file"]), str(entry.get("caption") or "")])
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise SystemExit(f"data.curate: captions={captions!r} line {number} is not "
+                             f'{{"file": ..., "caption": ...}}: {err!r}') from None
+    if not items:
+        raise SystemExit(f"data.curate: captions={captions!r} lists no videos")
+    folder = os.path.abspath(folder)
+    return [(f"{i // shard_size:06d}.tar", {"folder": folder, "items": items[i:i + shard_size]})
+            for i in range(0, len(items), shard_size)]
+
+
+def load_chain_config(cfg: CurateConfig) -> dict:
+    """{analysis, filters, balance} of the YAML with the command line's overrides."""
+    try:
+        loaded = yaml.safe_load(Path(cfg.config).read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise SystemExit(f"data.curate: config={cfg.config!r} cannot be read: {err}") from None
+    names = [spec["name"] for spec in loaded["filters"]]
+    for name, overrides in cfg.filters.items():
+        if name not in names:
+            known = "" if name in FILTERS | SCORERS else f" (known filters: {sorted(names)})"
+            raise SystemExit(f"data.curate: filters.{name}: no filter {name!r} in "
+                             f"config={cfg.config}{known}")
+        loaded["filters"][names.index(name)].update(overrides)
+    balance = loaded.get("balance")
+    if balance is not None:
+        balance = {**balance, **cfg.balance}
+    return {"analysis": loaded["analysis"], "filters": loaded["filters"], "balance": balance}
+
+
+def check_work_dir(work: Path, chain: dict) -> None:
+    """Intermediate results are reused on restart only if made by the same chain config."""
+    work.mkdir(parents=True, exist_ok=True)
+    stamp = work / "config.json"
+    if stamp.exists() and read_json(stamp) != chain:
+        raise SystemExit(f"data.curate: {work} holds results of a different filter config "
+                         f"(see {stamp}); delete it, or pick another output=")
+    if not stamp.exists():
+        write_json(stamp, chain)
+
+
+def work_name(name: str, source: str | dict) -> str:
+    """One intermediate file per shard; a hash of its source (the tar's absolute path, or
+    the folder chunk's files and captions) keeps a changed input from being reused."""
+    digest = hashlib.sha1(json.dumps(source, sort_keys=True).encode()).hexdigest()[:8]
+    return f"{name}.{digest}.json"
+
+
+def parallel(function, jobs: list[tuple], workers: int) -> list:
+    """`function(*job)` per job in processes; spawned so the parent's threads (torch,
+    the caption encoder) are not forked mid-flight."""
+    if workers == 1 or len(jobs) <= 1:
+        return [function(*job) for job in jobs]
+    with multiprocessing.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
+        return pool.starmap(function, jobs)
+
+
+def log_to_wandb(cfg: CurateConfig, report: dict) -> None:
+    if cfg.wandb == "disabled":
+        return
+    import wandb
+
+    os.environ.setdefault("WANDB_SILENT", "true")
+    run = wandb.init(project=cfg.project, dir=cfg.output, mode=cfg.wandb, job_type="curation",
+                     config={"input": cfg.input, "config": cfg.config})
+    left, rows = report["samples_in"], []
+    for name, row in report["filters"].items():
+        left -= row["samples"]
+        rows.append([name, row["samples"], row["hours"], left, json.dumps(row["reasons"])])
+    table = wandb.Table(columns=["stage", "removed", "hours_removed", "left", "reasons"],
+                        data=rows)
+    run.log({"funnel": table, "samples_in": report["samples_in"],
+             "samples_out": report["samples_out"], "hours_in": report["hours_in"],
+             "hours_out": report["hours_out"],
+             **{f"removed/{name}": row["samples"] for name, row in report["filters"].items()}})
+    run.finish()
+
+
+def main(argv: list[str]) -> dict:
+    cfg = parse_options(argv)
+    sources = input_sources(cfg)
+    chain = load_chain_config(cfg)
+    output = Path(cfg.output)
+    work = output / ".work"
+    check_work_dir(work, chain)
+
+    # Pass 1: per-clip filters, one process per shard; a shard done before is not redone.
+    jobs = [(name, source, str(work / work_name(name, source)), chain["filters"],
+             chain["analysis"]) for name, source in sources]
+    works = [read_json(p) for p in parallel(filter_shard, jobs, cfg.workers)]
+    # Pass 2: dataset-wide near-duplicates and balancing, in input order (deterministic).
+    dedup_and_balance(works, chain["filters"], chain["balance"])
+    report = funnel(works, chain["filters"])
+    # Pass 3: curated shards; a shard written before is complete and not rewritten.
+    jobs = [(source, str(output / name), work["samples"])
+            for (name, source), work in zip(sources, works, strict=True)]
+    report["shards"] = parallel(write_curated_shard, jobs, cfg.workers)
+    write_json(output / "report.json", report)
+    print(funnel_table(report))
+    log_to_wandb(cfg, report)
+    return report
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
