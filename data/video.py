@@ -106,4 +106,6 @@ def uint8_to_video(frames: torch.Tensor | np.ndarray) -> torch.Tensor:
             f"expected uint8 (T, H, W, C) frames, got dtype {frames.dtype} "
             f"shape {tuple(frames.shape)}"
         )
-    return (frames.permute(3, 0, 1, 2).float() / 127.5 - 1).contiguous()
+    # Reorder the 1-byte values first and normalise in place: converting the strided view
+    # directly is ~2.6x slower, which at 768 px dominated a loader worker's time.
+    return frames.permute(3, 0, 1, 2).contiguous().float().div_(127.5).sub_(1.0)
