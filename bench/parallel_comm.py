@@ -149,17 +149,11 @@ def token_count(cfg) -> int:
 
 def analytic(mesh: Mesh) -> dict[str, list[tuple[str, int]]]:
     """Bytes one rank sends in a train step: collective kind -> [(term, bytes)]."""
-    from hydra.utils import instantiate
-
-    from models.dit import DiT
-    from models.t2v import TextToVideo
-    from models.text import TextConditioner
+    from trainer.build import build_meta_model
 
     cfg = compose(BASE + mesh.overrides)
     m, tp, cp = cfg.model, mesh.tp, mesh.cp
-    with torch.device("meta"):  # shapes and requires_grad only
-        encoders = {name: instantiate(enc) for name, enc in cfg.text.encoders.items()}
-        model = TextToVideo(DiT(m), TextConditioner(encoders, m.width))
+    model = build_meta_model(cfg)  # shapes and requires_grad only
     params = {name: (tp_local_shape(name, tuple(p.shape), tp), p.requires_grad)
               for name, p in model.named_parameters()}
     tokens = token_count(cfg)

@@ -30,13 +30,18 @@ def build_autoencoder(cfg: TrainConfig, device: torch.device) -> torch.nn.Module
     return autoencoder.eval()
 
 
+def build_meta_model(cfg: TrainConfig) -> TextToVideo:
+    """Text conditioner + DiT on the meta device: shapes and names, no memory."""
+    with torch.device("meta"):
+        encoders = {name: instantiate(encoder) for name, encoder in cfg.text.encoders.items()}
+        return TextToVideo(DiT(cfg.model), TextConditioner(encoders, cfg.model.width))
+
+
 def build_model(cfg: TrainConfig, ctx: ParallelContext) -> TextToVideo:
     """Text conditioner + DiT: built on meta, parallelised for ``ctx``, then materialised
     with the initial values of ``cfg.trainer.seed``. Under DeepSpeed the model is returned
     whole; its engine partitions it."""
-    with torch.device("meta"):
-        encoders = {name: instantiate(encoder) for name, encoder in cfg.text.encoders.items()}
-        model = TextToVideo(DiT(cfg.model), TextConditioner(encoders, cfg.model.width))
+    model = build_meta_model(cfg)
     par = cfg.parallel
     parallel_ctx = ctx if par.engine is Engine.fsdp2 else single_process(ctx.device)
     parallelize_model(model, parallel_ctx, cp_mode=par.cp_mode.value,
