@@ -3,9 +3,10 @@
 What it measures, in one run:
 1. Per worker (one process, one sample at a time), the loader's real per-sample path,
    ``data.shards.VideoShards.load_sample`` (PyAV decode with a seek to the clip start,
-   frame-rate resampling to the target fps, cover-resize + centre-crop in swscale, then
-   normalisation to float in [-1, 1]), on clips of 2, 4, 8 and 16 s cut (json start/end)
-   from a 1280x720 H.264 source, at a square 256 px and 768 px bucket. The target fps is
+   frame-rate resampling to the target fps, RGB conversion, cover-resize + centre-crop of
+   the kept window with OpenCV, then normalisation to float in [-1, 1]), on clips of 2, 4,
+   8 and 16 s cut (json start/end) from a 1280x720 H.264 source, at a square 256 px and
+   768 px bucket. The target fps is
    the data config's 16, so a clip of s seconds gives 16 * s frames (32 ... 256: the
    duration buckets of ``conf/data/webdataset.yaml``).
 2. A naive baseline on the same bytes: decode every frame of the file up to the clip end
@@ -144,7 +145,7 @@ def decode_table(source: bytes, sizes: list[int], clip_seconds: list[int], reps:
             frames = int(seconds * TARGET_FPS)
             grid = BucketGrid([[size, size]], [frames], [1], 1)
             shards = VideoShards.__new__(VideoShards)  # only load_sample: no shard list
-            shards.grid, shards.fps, shards.seed = grid, TARGET_FPS, 0
+            shards.grid, shards.fps, shards.seed, shards.weighted = grid, TARGET_FPS, 0, True
             end = CLIP_START + seconds
             members = {"mp4": source, "txt": b"a colour gradient drifts",
                        "json": json.dumps({"start": CLIP_START, "end": end}).encode()}
@@ -237,7 +238,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--skip-train", action="store_true")
     args = parser.parse_args()
-    torch.set_num_threads(1)  # one loader worker = one core
+    torch.set_num_threads(1)  # one loader worker = one core, for torch and OpenCV alike
+    cv2.setNumThreads(1)
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
     clip_seconds = [2, 4] if args.quick else [2, 4, 8, 16]

@@ -89,21 +89,21 @@ QUICK = [MESHES[0], MESHES[1], MESHES[2]]
 def measure(mesh: Mesh) -> dict[str, int]:
     """In each rank: one real train step under CommCounter; bytes sent per kind."""
     from parallel.engine import NativeEngine
-    from trainer.build import build_autoencoder, build_flow
     from trainer.ema import EMA
     from trainer.optim import build_optimizer
+    from trainer.t2v_task import TextToVideoTask
     from trainer.train import NonFiniteGuard, train_step
 
     cfg = compose(BASE + mesh.overrides)
     ctx, model = start(cfg, mesh.world)
     engine = NativeEngine(model, lambda params: build_optimizer(params, cfg.recipe, 10))
     ema, guard = EMA(engine.ema_tensors(), cfg.recipe.ema_decay), NonFiniteGuard(3)
-    autoencoder, flow = build_autoencoder(cfg, ctx.device), build_flow(cfg)
+    task = TextToVideoTask(cfg, ctx)
     local = cfg.recipe.batch_size // ctx.dp_size
     rows = slice(ctx.dp_rank * local, (ctx.dp_rank + 1) * local)
     batch = {"video": video_batch(cfg)[rows], "caption": CAPTIONS[rows]}
     with CommCounter() as counter:
-        train_step(cfg, 1, batch, engine, autoencoder, flow, ema, guard, ctx)
+        train_step(cfg, 1, batch, engine, task, ema, guard, ctx)
     return dict(counter.sent)
 
 

@@ -21,7 +21,8 @@ import torch
 from omegaconf import MISSING, OmegaConf
 
 from data.synthetic import COLOURS, SyntheticVideos, colour_in_caption, dominant_colour
-from trainer.sampling import generate, load_trained
+from trainer.sampling import generate
+from trainer.trained import load_text_to_video
 
 
 @dataclass
@@ -46,7 +47,7 @@ def match_rate(run, prompts: list[str], opts: Options, scale: float,
     hits, per_colour = 0, Counter()
     for start in range(0, len(prompts), opts.batch):
         chunk = prompts[start: start + opts.batch]
-        videos = generate(run.model, run.autoencoder, chunk, run.latent_shape, opts.steps,
+        videos = generate(run.model, run.task.autoencoder, chunk, run.task.latent_shape, opts.steps,
                           scale, seed=opts.seed + start)
         for video, colour in zip(videos, named[start: start + opts.batch], strict=True):
             if dominant_colour(video) == colour:
@@ -58,7 +59,7 @@ def match_rate(run, prompts: list[str], opts: Options, scale: float,
 def main(argv: list[str]) -> None:
     opts: Options = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Options),
                                                         OmegaConf.from_cli(argv)))
-    run = load_trained(Path(opts.checkpoint), torch.device("cpu"))
+    run = load_text_to_video(Path(opts.checkpoint), torch.device("cpu"))
     prompts = held_out_prompts(run, opts.prompts)
     named = [colour_in_caption(p) for p in prompts]
     rows = []

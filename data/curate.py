@@ -1,14 +1,16 @@
 """Curate raw video shards: ``python -m data.curate input='raw/{000000..000099}.tar'
 output=curated/ [workers=N] [wandb=offline|online|disabled] [config=conf.yaml]
-[filters.NAME.THRESHOLD=value ...] [balance.num_clusters=K]``, or a folder of videos:
-``input=videos/ captions=captions.jsonl [shard_size=100]`` (lines ``{"file": path under
-the folder, "caption": ...}``; curated shards are then numbered 000000.tar, ...).
+[filters.NAME.THRESHOLD=value ...] [balance.num_clusters=K] [aspect_mix.landscape=F]``,
+or a folder of videos: ``input=videos/ captions=captions.jsonl [shard_size=100]`` (lines
+``{"file": path under the folder, "caption": ...}``; curated shards are then numbered
+000000.tar, ...).
 
 Runs the filter chain of `conf/curate/default.yaml` (or `config=`) over every sample,
-one worker process per shard, then near-duplicates across the whole dataset and concept
-balancing, and writes curated shards of the same names under `output/`, `report.json`
-(samples and hours each filter removed, with reasons) and a funnel table on stdout,
-also logged to wandb. See `data/curation/job.py` for the passes and how restarts work.
+one worker process per shard, then near-duplicates across the whole dataset, concept
+balancing and the landscape/portrait mix (sampling weights), and writes curated shards
+of the same names under `output/`, `report.json` (samples and hours each filter removed,
+with reasons; the aspect mix achieved) and a funnel table on stdout, also logged to
+wandb. See `data/curation/job.py` for the passes and how restarts work.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 import conf
-from data.curation import FILTERS, SCORERS
+from data.curation import FILTERS, SCORERS, AspectBalancer
 from data.curation.job import (
     dedup_and_balance,
     filter_shard,
@@ -57,6 +59,7 @@ class CurateConfig:
     # Threshold overrides laid over the YAML: filters.<filter name>.<field>=value
     filters: dict[str, dict[str, Any]] = field(default_factory=dict)
     balance: dict[str, Any] = field(default_factory=dict)  # balance.<field>=value
+    aspect_mix: dict[str, Any] = field(default_factory=dict)  # aspect_mix.<field>=value
 
 
 def parse_options(argv: list[str]) -> CurateConfig:
@@ -121,7 +124,8 @@ def folder_sources(folder: str, captions: str, shard_size: int) -> list[tuple[st
 
 
 def load_chain_config(cfg: CurateConfig) -> dict:
-    """{analysis, filters, balance} of the YAML with the command line's overrides."""
+    """{analysis, filters, balance, aspect_mix} of the YAML with the command line's
+    overrides; a missing or null balance or aspect_mix switches that step off."""
     try:
         loaded = yaml.safe_load(Path(cfg.config).read_text())
     except (OSError, yaml.YAMLError) as err:
@@ -136,7 +140,15 @@ def load_chain_config(cfg: CurateConfig) -> dict:
     balance = loaded.get("balance")
     if balance is not None:
         balance = {**balance, **cfg.balance}
-    return {"analysis": loaded["analysis"], "filters": loaded["filters"], "balance": balance}
+    aspect_mix = loaded.get("aspect_mix")
+    if aspect_mix is not None:
+        aspect_mix = {**aspect_mix, **cfg.aspect_mix}
+        try:
+            AspectBalancer(**aspect_mix)
+        except (TypeError, ValueError) as err:
+            raise SystemExit(f"data.curate: {err} (config={cfg.config})") from None
+    return {"analysis": loaded["analysis"], "filters": loaded["filters"], "balance": balance,
+            "aspect_mix": aspect_mix}
 
 
 def check_work_dir(work: Path, chain: dict) -> None:
@@ -200,8 +212,8 @@ def main(argv: list[str]) -> dict:
              chain["analysis"]) for name, source in sources]
     works = [read_json(p) for p in parallel(filter_shard, jobs, cfg.workers)]
     # Pass 2: dataset-wide near-duplicates and balancing, in input order (deterministic).
-    dedup_and_balance(works, chain["filters"], chain["balance"])
-    report = funnel(works, chain["filters"])
+    mix = dedup_and_balance(works, chain["filters"], chain["balance"], chain["aspect_mix"])
+    report = {**funnel(works, chain["filters"]), "aspect_mix": mix}
     # Pass 3: curated shards; a shard written before is complete and not rewritten.
     jobs = [(source, str(output / name), work["samples"])
             for (name, source), work in zip(sources, works, strict=True)]

@@ -33,16 +33,15 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import av
-import numpy as np
+import cv2
 import torch
 import webdataset as wds
 from braceexpand import braceexpand
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
 from data.buckets import Bucket, BucketGrid
+from data.decode import Skip, decode_image, decode_video, meta_number
 from data.loader import collate
 from data.video import uint8_to_video
 
@@ -81,116 +80,53 @@ def write_shard(path: str | os.PathLike, samples: Iterable[dict[str, Any]]) -> N
         raise
 
 
-def expand_shards(pattern: str | list[str]) -> list[str]:
-    """Brace-expand shard patterns; local paths must exist (URLs and ``pipe:`` are kept)."""
+def expand_shards(pattern: str | list[str], key: str = "data.shards") -> list[str]:
+    """Brace-expand shard patterns; local paths must exist (URLs and ``pipe:`` are kept).
+    `key` is the config key the patterns came from, for the error message."""
     patterns = [pattern] if isinstance(pattern, str) else list(pattern)
     urls = [url for p in patterns for url in braceexpand(p)]
     local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
     missing = [u for u in local if not os.path.isfile(u)]
     if not urls or missing:
-        raise ValueError(f"data.shards={pattern!r} matches no shard"
-                         + (f": {len(missing)} of {len(urls)} files are missing, e.g. "
-                            f"{missing[0]!r}" if missing else ""))
+        found = "matches no shard" if len(missing) == len(urls) else "names missing shards"
+        raise ValueError(f"{key}={pattern!r} {found}"
+                         + (f": {len(missing)} of {len(urls)} are local files that do not "
+                            f"exist, e.g. {missing[0]!r}" if missing else ""))
     return urls
 
 
-class Skip(Exception):
-    """A sample that cannot be used; `reason` is the counter key."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-
-
-def _fit(frame: av.VideoFrame, bucket: Bucket) -> np.ndarray:
-    """Resize to cover the bucket frame, centre-crop: uint8 (height, width, 3)."""
-    scale = max(bucket.height / frame.height, bucket.width / frame.width)
-    w = max(bucket.width, round(frame.width * scale))
-    h = max(bucket.height, round(frame.height * scale))
-    array = frame.reformat(width=w, height=h, format="rgb24").to_ndarray()
-    top, left = (h - bucket.height) // 2, (w - bucket.width) // 2
-    return array[top: top + bucket.height, left: left + bucket.width]
-
-
-def decode_image(data: bytes, grid: BucketGrid) -> tuple[np.ndarray, Bucket]:
-    """Image bytes -> uint8 frames (1, H, W, 3) in its T = 1 bucket."""
-    try:
-        image = Image.open(io.BytesIO(data)).convert("RGB")
-    except (OSError, ValueError) as err:
-        raise Skip("corrupt_image", str(err)) from err
-    bucket = grid.assign(image.height, image.width, None)
-    return _fit(av.VideoFrame.from_image(image), bucket)[None], bucket
-
-
-def _number(meta: dict, name: str, default: float | None) -> float | None:
-    """A non-negative finite number from the json metadata (seconds or a weight)."""
-    value = meta.get(name, default)
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
-                              or not 0 <= value < math.inf):
-        raise Skip("bad_json", f"{name}={value!r} must be a finite number >= 0")
-    return value
-
-
-def decode_video(data: bytes, meta: dict, fps: float,
-                 grid: BucketGrid) -> tuple[np.ndarray, Bucket]:
-    """Video bytes -> uint8 frames (T, H, W, 3) sampled at `fps` from the clip start.
-
-    Frame k is the first source frame at or after ``start + k / fps`` less half a source
-    frame period, so a slower source repeats frames and a faster one drops them.
-    """
-    start, end = _number(meta, "start", 0.0), _number(meta, "end", None)
-    try:
-        with av.open(io.BytesIO(data)) as container:
-            if not container.streams.video:
-                raise Skip("no_video_stream")
-            stream = container.streams.video[0]
-            if getattr(stream, "codec_context", None) is None:
-                raise Skip("unsupported_codec", "this FFmpeg build has no decoder for it")
-            ctx = stream.codec_context
-            if end is None:
-                seconds = (float(stream.duration * stream.time_base) if stream.duration
-                           else (container.duration or 0) / av.time_base)
-                end = seconds or _number(meta, "duration", 0.0)
-            available = math.floor((end - start) * fps + 1e-6)
-            bucket = grid.assign(ctx.height, ctx.width, available)
-            if bucket is None:
-                raise Skip("too_short", f"{available} frames at {fps} fps, shortest bucket "
-                                        f"is {grid.durations[0]}")
-            if start > 0:
-                container.seek(int(start / stream.time_base), stream=stream)
-            src_fps = float(stream.average_rate or stream.guessed_rate or fps)
-            slack = 0.5 / src_fps
-            frames: list[np.ndarray] = []
-            for frame in container.decode(stream):
-                fitted = None
-                time = frame.time if frame.time is not None else math.inf
-                while len(frames) < bucket.frames and time >= start + len(frames) / fps - slack:
-                    fitted = _fit(frame, bucket) if fitted is None else fitted
-                    frames.append(fitted)
-                if len(frames) == bucket.frames:
-                    return np.stack(frames), bucket
-    except av.FFmpegError as err:
-        raise Skip("corrupt_video", str(err)) from err
-    raise Skip("too_few_frames", f"decoded {len(frames)} of {bucket.frames} frames")
+FRESH_STATE = {"cursor": [0, 0, 0, 0], "pending": [], "skipped": {}}  # a VideoShards worker's
 
 
 class VideoShards(IterableDataset):
     """Batches {video (B, 3, T, H, W) in [-1, 1], fps (B,), caption, key, bucket [T, H, W]}
     of this data-parallel rank, each from one bucket. `epochs=None` loops forever,
     carrying part-filled buckets across epochs; a finite run flushes them at the end as
-    smaller batches. Each batch also carries its worker's state under ``_state``."""
+    smaller batches. Each batch also carries its worker's state under ``_state``.
+    `weighted=False` uses every sample once per epoch whatever its ``weight`` (held-out
+    sets)."""
 
     def __init__(self, shards: str | list[str], grid: BucketGrid, fps: float, seed: int = 0,
-                 dp_rank: int = 0, dp_size: int = 1, epochs: int | None = None):
+                 dp_rank: int = 0, dp_size: int = 1, epochs: int | None = None,
+                 weighted: bool = True, key: str = "data.shards"):
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank={dp_rank} must lie in [0, dp_size={dp_size})")
-        self.urls = expand_shards(shards)
+        self.urls = expand_shards(shards, key)
         if len(self.urls) < dp_size:
-            raise ValueError(f"data.shards={shards!r} has {len(self.urls)} shards, fewer "
+            raise ValueError(f"{key}={shards!r} has {len(self.urls)} shards, fewer "
                              f"than the {dp_size} data-parallel ranks it must feed")
         self.grid, self.fps, self.seed, self.epochs = grid, fps, seed, epochs
-        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.dp_rank, self.dp_size, self.weighted = dp_rank, dp_size, weighted
         self.resume: dict[int, dict] = {}  # worker -> state; set before workers start
+
+    def identity(self) -> dict[str, int]:
+        """What a saved position is only valid for (with the loader's num_workers)."""
+        return {"dp_rank": self.dp_rank, "dp_size": self.dp_size, "seed": self.seed,
+                "num_shards": len(self.urls)}
+
+    @staticmethod
+    def skipped_of(state: dict) -> Counter:
+        return Counter(state["skipped"])
 
     def worker_shards(self, epoch: int, worker: int, num_workers: int) -> list[str]:
         order = list(range(len(self.urls)))
@@ -220,7 +156,9 @@ class VideoShards(IterableDataset):
     def copies(self, key: str, meta: dict, epoch: int) -> int:
         """How often the sample is used in `epoch`: its curation ``weight``, with the
         fraction a coin flip seeded by (seed, epoch, key), reproducible across resumes."""
-        weight = _number(meta, "weight", 1.0)
+        if not self.weighted:
+            return 1
+        weight = meta_number(meta, "weight", 1.0)
         digest = hashlib.blake2b(f"{self.seed}/{epoch}/{key}".encode(), digest_size=8).digest()
         return math.floor(weight) + (int.from_bytes(digest, "big") / 2**64 < weight % 1)
 
@@ -263,7 +201,7 @@ class VideoShards(IterableDataset):
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
         # A position is (epoch, shard, sample, copy); the cursor is the next one to read.
-        state = self.resume.get(worker, {"cursor": [0, 0, 0, 0], "pending": [], "skipped": {}})
+        state = self.resume.get(worker, FRESH_STATE)
         cursor = tuple(state["cursor"])
         replay = {tuple(p) for p in state["pending"]}
         replay_samples = {p[:3] for p in replay}
@@ -294,6 +232,7 @@ class VideoShards(IterableDataset):
                     is_fresh = (epoch, s, i) >= cursor[:3]
                     if not is_fresh and (epoch, s, i) not in replay_samples:
                         continue
+                    first_copy = cursor[3] if (epoch, s, i) == cursor[:3] else 0
                     if is_fresh:
                         cursor = (epoch, s, i + 1, 0)
                     try:
@@ -312,10 +251,14 @@ class VideoShards(IterableDataset):
                     fresh_good += is_fresh
                     bucket = sample.pop("bucket")
                     for c in range(copies):
-                        if is_fresh or (epoch, s, i, c) in replay:
-                            buckets.setdefault(bucket, []).append(((epoch, s, i, c), sample))
-                            if len(buckets[bucket]) == self.grid.batch_size(bucket):
-                                yield emit(bucket)
+                        if not (is_fresh and c >= first_copy) and (epoch, s, i, c) not in replay:
+                            continue
+                        if is_fresh:  # a batch emitted now must not lose the copies to come
+                            cursor = ((epoch, s, i, c + 1) if c + 1 < copies
+                                      else (epoch, s, i + 1, 0))
+                        buckets.setdefault(bucket, []).append(((epoch, s, i, c), sample))
+                        if len(buckets[bucket]) == self.grid.batch_size(bucket):
+                            yield emit(bucket)
                 cursor = max(cursor, (epoch, s + 1, 0, 0))
             if whole_epoch and not fresh_good:  # else it would loop forever, yielding nothing
                 log.error("worker %d of dp rank %d found no usable sample in epoch %d of "
@@ -328,11 +271,70 @@ class VideoShards(IterableDataset):
             yield emit(min(buckets, key=lambda b: buckets[b][0][0]))
 
 
-class ShardBatches:
-    """Iterates a VideoShards through DataLoader workers and tracks the state of the
-    batches handed out (not of those prefetched), for checkpoints of this dp rank."""
+class MixedShards(IterableDataset):
+    """Video batches interleaved with batches from separate image shards, `image_ratio`
+    image samples per video sample (Movie Gen mixes about 1:10 in joint stages).
 
-    def __init__(self, dataset: VideoShards, num_workers: int = 0, prefetch_factor: int = 2):
+    Both are VideoShards streams, each with its own split by dp rank and worker, its own
+    epochs and its own resume state. A worker takes its next batch from the image stream
+    while its images yielded are fewer than `image_ratio` times its videos yielded, else
+    from the video stream, so its sample ratio stays within one batch of the target. The
+    choice depends only on those counts, kept in the worker state with both streams'
+    states, so a resumed worker continues the same sequence. The "image" stream is
+    whatever the image shards hold; a stream that ends leaves the other to go on alone.
+    """
+
+    def __init__(self, videos: VideoShards, images: VideoShards, image_ratio: float):
+        self.streams = {"video": videos, "image": images}
+        self.image_ratio, self.epochs = image_ratio, videos.epochs
+        self.resume: dict[int, dict] = {}  # worker -> state; set before workers start
+
+    def identity(self) -> dict[str, int]:
+        return {**self.streams["video"].identity(),
+                "num_image_shards": len(self.streams["image"].urls)}
+
+    @staticmethod
+    def skipped_of(state: dict) -> Counter:
+        return Counter(state["video"]["skipped"]) + Counter(state["image"]["skipped"])
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker = info.id if info else 0
+        state = self.resume.get(worker, {"video": FRESH_STATE, "image": FRESH_STATE,
+                                         "samples": {"video": 0, "image": 0}})
+        states = {name: state[name] for name in self.streams}
+        counts = dict(state["samples"])
+        live = {}
+        for name, stream in self.streams.items():
+            stream.resume = {worker: states[name]}
+            live[name] = iter(stream)
+        while live:
+            name = "image" if counts["image"] < self.image_ratio * counts["video"] else "video"
+            name = name if name in live else next(iter(live))
+            batch = next(live[name], None)
+            if batch is None:
+                del live[name]
+                continue
+            del batch["_worker"]
+            states[name] = batch.pop("_state")
+            counts[name] += len(batch.get("key", ()))
+            yield {**batch, "_worker": worker,
+                   "_state": {**states, "samples": dict(counts)}}
+
+
+def _one_thread_worker(worker_id: int) -> None:
+    # torch already runs each DataLoader worker on one thread; OpenCV would start one
+    # per core in every worker, oversubscribing the cores the workers share.
+    cv2.setNumThreads(1)
+
+
+class ShardBatches:
+    """Iterates a VideoShards (or MixedShards) through DataLoader workers and tracks the
+    state of the batches handed out (not of those prefetched), for checkpoints of this
+    dp rank."""
+
+    def __init__(self, dataset: VideoShards | MixedShards, num_workers: int = 0,
+                 prefetch_factor: int = 2):
         self.dataset, self.num_workers, self.prefetch_factor = dataset, num_workers, prefetch_factor
         self._states: dict[int, dict] = {}
 
@@ -340,12 +342,13 @@ class ShardBatches:
     def skipped(self) -> Counter:
         """Samples (and shards) skipped so far, by reason, over all workers, as of the
         batches handed out; ``dropped_by_weight`` counts samples of weight-0 draws."""
-        return sum((Counter(s["skipped"]) for s in self._states.values()), Counter())
+        return sum((self.dataset.skipped_of(s) for s in self._states.values()), Counter())
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         self.dataset.resume = dict(self._states)
         loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
-                            prefetch_factor=self.prefetch_factor if self.num_workers else None)
+                            prefetch_factor=self.prefetch_factor if self.num_workers else None,
+                            worker_init_fn=_one_thread_worker)
         for batch in loader:
             self._states[batch.pop("_worker")] = batch.pop("_state")
             if batch:
@@ -354,9 +357,7 @@ class ShardBatches:
             raise RuntimeError(f"no usable sample in data.shards (skipped: {dict(self.skipped)})")
 
     def _identity(self) -> dict[str, int]:
-        d = self.dataset
-        return {"dp_rank": d.dp_rank, "dp_size": d.dp_size, "num_workers": self.num_workers,
-                "seed": d.seed, "num_shards": len(d.urls)}
+        return {**self.dataset.identity(), "num_workers": self.num_workers}
 
     def state_dict(self) -> dict[str, Any]:
         return {**self._identity(), "workers": {str(w): s for w, s in self._states.items()}}
@@ -364,20 +365,21 @@ class ShardBatches:
     def load_state_dict(self, state: dict[str, Any] | list[dict[str, Any]]) -> None:
         """This rank's state, or a list of every rank's states (this dp rank's is used)."""
         if isinstance(state, list):
-            mine = [s for s in state if s["dp_rank"] == self.dataset.dp_rank]
+            dp_rank = self.dataset.identity()["dp_rank"]
+            mine = [s for s in state if s["dp_rank"] == dp_rank]
             if not mine:
                 raise ValueError(f"the checkpoint holds no data state for dp rank "
-                                 f"{self.dataset.dp_rank} (it was written with dp_size="
+                                 f"{dp_rank} (it was written with dp_size="
                                  f"{state[0]['dp_size'] if state else '?'})")
             state = mine[0]
         for key, value in self._identity().items():
-            if state[key] != value:
+            if state.get(key) != value:
                 raise ValueError(
                     f"cannot resume the webdataset position: the checkpoint was written with "
-                    f"{key}={state[key]}, this run has {key}={value}; shards are split by "
+                    f"{key}={state.get(key)}, this run has {key}={value}; shards are split by "
                     f"data-parallel rank and worker, so samples would repeat or be skipped. "
                     f"Resume with the same parallel dp size, data.num_workers, data.seed "
-                    f"and data.shards")
+                    f"and data.shards (and data.image_shards)")
         self._states = {int(w): s for w, s in state["workers"].items()}
 
 
@@ -394,10 +396,22 @@ class WebDatasetConfig:
     num_workers: int = 2
     prefetch_factor: int = 2
     seed: int = 0
+    image_shards: str | None = None  # separate image shards, mixed in at image_ratio
+    image_ratio: float = 0.1  # image samples per video sample yielded, with image_shards
+    val_shards: str | None = None  # held-out shards: validation reads all of them, in order
 
     def __post_init__(self) -> None:
         if self.fps <= 0:
             raise ValueError(f"data.fps={self.fps} must be positive")
+        for key in ("image_shards", "val_shards"):
+            value = getattr(self, key)
+            if value is not None and not value.strip():
+                raise ValueError(f"data.{key}={value!r} names no shard; give a shard pattern "
+                                 f"or null for none")
+        if not 0 < self.image_ratio < math.inf:
+            raise ValueError(f"data.image_ratio={self.image_ratio} must be a finite number "
+                             f"> 0 (image samples per video sample, e.g. 0.1 for 1:10); to "
+                             f"train without the separate images set data.image_shards=null")
         if self.num_workers < 0 or self.prefetch_factor < 1:
             raise ValueError(f"data.num_workers={self.num_workers} must be >= 0 and "
                              f"data.prefetch_factor={self.prefetch_factor} >= 1")
@@ -412,5 +426,25 @@ class WebDatasetConfig:
 
 def build_shard_batches(cfg: WebDatasetConfig, dp_rank: int, dp_size: int,
                         epochs: int | None = None) -> ShardBatches:
+    """This dp rank's training batches: `cfg.shards`, mixed with `cfg.image_shards` if set."""
     dataset = VideoShards(cfg.shards, cfg.grid(), cfg.fps, cfg.seed, dp_rank, dp_size, epochs)
+    if cfg.image_shards is not None:
+        images = VideoShards(cfg.image_shards, cfg.grid(), cfg.fps, cfg.seed, dp_rank, dp_size,
+                             epochs, key="data.image_shards")
+        readers = dp_size * max(1, cfg.num_workers)
+        if len(images.urls) < readers:  # a worker without image shards would yield no image
+            raise ValueError(
+                f"data.image_shards={cfg.image_shards!r} has {len(images.urls)} shards, fewer "
+                f"than the {readers} readers (dp size {dp_size} x data.num_workers="
+                f"{cfg.num_workers}) that each need one to keep data.image_ratio; split the "
+                f"images into more shards or lower data.num_workers")
+        dataset = MixedShards(dataset, images, cfg.image_ratio)
     return ShardBatches(dataset, cfg.num_workers, cfg.prefetch_factor)
+
+
+def build_val_shard_batches(cfg: WebDatasetConfig) -> ShardBatches:
+    """Every val shard, in a fixed order, each sample once (curation weights ignored), in
+    this process: every rank runs the same batches, as sharded models need."""
+    dataset = VideoShards(cfg.val_shards, cfg.grid(), cfg.fps, cfg.seed, epochs=1,
+                          weighted=False, key="data.val_shards")
+    return ShardBatches(dataset, num_workers=0)

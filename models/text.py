@@ -3,9 +3,10 @@
 An encoder maps captions to tokens: ``encode(captions) -> (tokens (B, L, E), mask (B, L))``
 with ``mask`` True on real tokens, and exposes ``dim`` (E) and ``trainable``. The embedded
 default is a byte-level (ByT5-style) tokenizer with a small transformer, so nothing is
-downloaded. Weights are initialised by ``models.init`` from (seed, parameter name).
-``TextConditioner`` gives every encoder its own Linear + LayerNorm into the DiT width
-and concatenates their tokens along the sequence.
+downloaded; its weights are initialised by ``models.init`` from (seed, parameter name).
+Frozen pretrained encoders (T5/UL2, ByT5, CLIP, the packaged MiniLM) live in
+``models.pretrained_text``. ``TextConditioner`` gives every encoder its own Linear +
+LayerNorm into the DiT width and concatenates their tokens along the sequence.
 """
 
 from __future__ import annotations
@@ -81,8 +82,9 @@ class ByteTextEncoder(nn.Module):
 
 
 class TextConditioner(nn.Module):
-    """Several encoders -> one cross-attention context.
-
+    """Several encoders -> one cross-attention context, in two steps so that the frozen
+    encoders' outputs can be cached: ``encode`` runs the encoders, ``project`` maps each
+    to the width and concatenates. ``forward(captions) = project(encode(captions))``:
     captions (B strings) -> context (B, sum_i L_i, width), mask (B, sum_i L_i) bool.
     """
 
@@ -97,14 +99,32 @@ class TextConditioner(nn.Module):
             name: nn.Sequential(nn.Linear(enc.dim, width, bias=False), nn.LayerNorm(width))
             for name, enc in encoders.items()})
 
-    def forward(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        tokens, masks = [], []
+    def encode(self, captions: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """captions (B) -> {name: (states (B, L_i, E_i), mask (B, L_i) bool)}; frozen
+        encoders run without grad."""
+        encoded = {}
         for name, encoder in self.encoders.items():
             if encoder.trainable:
-                states, mask = encoder.encode(captions)
+                encoded[name] = encoder.encode(captions)
             else:
                 with torch.no_grad():
-                    states, mask = encoder.encode(captions)
-            tokens.append(self.projections[name](states))
+                    encoded[name] = encoder.encode(captions)
+        return encoded
+
+    def project(self, encoded: dict[str, tuple[torch.Tensor, torch.Tensor]]
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """{name: (states, mask)} -> context (B, sum_i L_i, width), mask (B, sum_i L_i)."""
+        if encoded.keys() != self.encoders.keys():
+            raise ValueError(f"encoded text has encoders {sorted(encoded)} but the model "
+                             f"was built with {sorted(self.encoders)}")
+        tokens, masks = [], []
+        for name, projection in self.projections.items():
+            states, mask = encoded[name]
+            # Cast to the projection's compute dtype: bf16 under FSDP mixed precision,
+            # while pretrained encoders and caches hand over fp32.
+            tokens.append(projection(states.to(projection[0].weight.dtype)))
             masks.append(mask)
         return torch.cat(tokens, dim=1), torch.cat(masks, dim=1)
+
+    def forward(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.project(self.encode(captions))

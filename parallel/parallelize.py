@@ -17,8 +17,9 @@ from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 from models.dit import DiT
 from models.init import initial_value
 from models.t2v import TextToVideo
+from models.tae_training import AutoencoderTraining
 from parallel.context_parallel import SequenceShards, context_parallel_attention
-from parallel.fsdp import apply_fsdp, needs_fsdp
+from parallel.fsdp import apply_fsdp, apply_fsdp_autoencoder, needs_fsdp
 from parallel.mesh import ParallelContext
 from parallel.tensor_parallel import apply_tensor_parallel
 
@@ -84,6 +85,14 @@ def parallelize_model(model: TextToVideo, ctx: ParallelContext, *, cp_mode: str,
         compile_blocks(dit)
     if needs_fsdp(ctx):
         apply_fsdp(model, ctx, param_dtype)
+
+
+def parallelize_autoencoder(model: AutoencoderTraining, ctx: ParallelContext,
+                            param_dtype: torch.dtype) -> None:
+    """The TAE trains data-parallel only (FSDP2 over dp_shard, HSDP with dp_replicate);
+    the config check refuses tp and cp for it."""
+    if needs_fsdp(ctx):
+        apply_fsdp_autoencoder(model, ctx, param_dtype)
 
 
 @torch.no_grad()

@@ -15,6 +15,7 @@ import yaml
 
 from data.buckets import BucketGrid
 from data.curate import DEFAULT_CONFIG
+from data.curation import AspectBalancer
 from data.shards import ShardBatches, VideoShards, write_shard
 from data.video import write_video
 from tests.conftest import ROOT, python_cmd
@@ -151,3 +152,63 @@ def test_curate_a_folder_with_a_captions_jsonl(raw, tmp_path):
     metas = {**shard_json(out / "000000.tar"), **shard_json(out / "000001.tar")}
     assert sorted(metas) == ["good_mp4", "other_mp4"]
     assert metas["good_mp4"]["source_file"] == "good.mp4" and metas["good_mp4"]["start"] == 1.0
+
+
+def test_curate_balances_the_landscape_portrait_mix(raw, tmp_path):
+    """3 landscape, 1 portrait, 1 square clip: weights move the landscape share of the
+    expected samples to the configured 60%, on top of the concept weights."""
+    pans = {f"land{i}": _pan(10 + i) for i in range(3)}
+    pans["port"] = np.ascontiguousarray(_pan(20).transpose(0, 2, 1, 3))  # 64 wide, 96 high
+    pans["square"] = np.ascontiguousarray(_pan(21)[:, :, 16:80])
+    captions = {"land0": "a grey stone wall slides slowly past the camera",
+                "land1": "a grey brick wall slides slowly past the camera",
+                "land2": "a bright pattern of blobs drifts to the left",
+                "port": "a tall grey wall scrolls slowly upwards in the frame",
+                "square": "a bright pattern of soft blobs drifts to the left"}
+    write_shard(tmp_path / "000000.tar", [
+        {"__key__": key, "mp4": _mp4(tmp_path, key, frames), "txt": captions[key]}
+        for key, frames in pans.items()])
+    write_shard(tmp_path / "000001.tar", [])
+    out = tmp_path / "curated"
+    result = curate(raw, out, f"input={tmp_path}/{{000000..000001}}.tar",
+                    "balance.num_clusters=2", "aspect_mix.max_factor=4")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["samples_out"] == 5, report["filters"]
+    mix = report["aspect_mix"]
+    assert mix["clips"] == {"landscape": 3, "portrait": 1, "square": 1}
+    assert mix["landscape_after"] == pytest.approx(0.6, abs=1e-4)
+    assert "Aspect mix, landscape:portrait share" in result.stdout
+    assert "-> 60.0%:40.0%" in result.stdout
+
+    metas = shard_json(out / "000000.tar")
+    assert {k: m["orientation"] for k, m in metas.items()} == {
+        "land0": "landscape", "land1": "landscape", "land2": "landscape", "port": "portrait",
+        "square": "square"}
+    # the weight is the concept weight (1/sqrt(cluster size), mean 1) times the aspect factor
+    sizes = {c: sum(m["cluster"] == c for m in metas.values()) for c in (0, 1)}
+    concept = {k: sizes[m["cluster"]] ** -0.5 for k, m in metas.items()}
+    mean = sum(concept.values()) / len(concept)
+    for key, meta in metas.items():
+        assert meta["weight"] == pytest.approx(concept[key] / mean * meta["aspect_factor"],
+                                               abs=1e-5)
+    assert metas["square"]["aspect_factor"] == 1.0  # squares are left out of the mix
+    land = sum(m["weight"] for k, m in metas.items() if k.startswith("land"))
+    assert land / (land + metas["port"]["weight"]) == pytest.approx(0.6, abs=1e-4)
+
+
+def test_aspect_balancer_caps_the_factor_and_reports_the_shortfall():
+    balancer = AspectBalancer(landscape=0.6, squares="portrait", max_factor=2.0)
+    # 8 landscape (16:9), 1 portrait (9:16), 1 square counted as portrait; all weight 1
+    factors, kinds, report = balancer([16 / 9] * 8 + [9 / 16, 1.0], [1.0] * 10)
+    assert kinds == ["landscape"] * 8 + ["portrait", "square"]
+    assert factors[8] == factors[9] == pytest.approx(2 * factors[0])  # capped at 2x
+    assert factors.sum() == pytest.approx(10)  # the epoch keeps its length
+    assert report["landscape_before"] == 0.8
+    assert report["landscape_after"] == pytest.approx(8 / 12, abs=1e-6)  # short of 0.6
+    _, _, alone = balancer([16 / 9, 4 / 3], [1.0, 2.0])  # no portrait clip: nothing to do
+    assert alone["factors"] == {"landscape": 1.0, "portrait": 1.0}
+    with pytest.raises(ValueError, match=r"aspect_mix.landscape=1.5 must lie in \(0, 1\)"):
+        AspectBalancer(landscape=1.5)
+    with pytest.raises(ValueError, match="aspect_mix.squares='both' must be one of"):
+        AspectBalancer(squares="both")

@@ -70,7 +70,7 @@ def test_fsdp_resume_at_the_same_mesh_is_bitwise_and_exports(tmp_path):
     and exports one safetensors file equal to loading it in one process."""
     from safetensors.torch import load_file
 
-    from trainer.sampling import load_trained
+    from trainer.trained import load_run
 
     fsdp = [*MESH, *QUIET, "parallel.dp_shard=2"]
     uninterrupted = tmp_path / "uninterrupted"
@@ -84,7 +84,7 @@ def test_fsdp_resume_at_the_same_mesh_is_bitwise_and_exports(tmp_path):
                   f"output={output}", "ema=false"])
     assert f"wrote {output}" in result.stdout
     exported = load_file(output)
-    trained = load_trained(run_dir, torch.device("cpu"), ema=False).model.state_dict()
+    trained = load_run(run_dir, torch.device("cpu"), ema=False).model.state_dict()
     assert exported.keys() == trained.keys() and len(exported) > 20
     for name, value in trained.items():
         assert torch.equal(exported[name], value), name

@@ -34,21 +34,21 @@ def full(tensor: torch.Tensor) -> torch.Tensor:
 def run_steps(overrides: list[str]) -> dict:
     """Train STEPS steps on fixed data; return outputs, losses, grads, weights, EMA."""
     from parallel.engine import NativeEngine
-    from trainer.build import build_autoencoder, build_flow, build_model
     from trainer.ema import EMA
     from trainer.optim import build_optimizer
+    from trainer.t2v_task import TextToVideoTask
     from trainer.train import NonFiniteGuard, start_parallel, train_step
 
     cfg = compose_train(BASE + overrides)
     ctx = start_parallel(cfg)
-    model = build_model(cfg, ctx)
+    task = TextToVideoTask(cfg, ctx)
+    model = task.build_model()
     engine = NativeEngine(model, lambda p: build_optimizer(p, cfg.recipe, 10))
     ema, guard = EMA(engine.ema_tensors(), 0.5), NonFiniteGuard(3)
-    autoencoder, flow = build_autoencoder(cfg, ctx.device), build_flow(cfg)
     data = torch.Generator().manual_seed(7)
     shape = (cfg.recipe.batch_size, 3, cfg.data.frames, cfg.data.height, cfg.data.width)
     videos = [torch.rand(shape, generator=data) * 2 - 1 for _ in range(STEPS)]
-    latent = autoencoder.encode(videos[0])
+    latent = task.autoencoder.encode(videos[0])
     with torch.no_grad():
         output = engine.module(latent, torch.full((shape[0],), 0.3), CAPTIONS)
     local = cfg.recipe.batch_size // ctx.dp_size
@@ -56,8 +56,7 @@ def run_steps(overrides: list[str]) -> dict:
     losses, grads = [], {}
     for step in range(1, STEPS + 1):
         batch = {"video": videos[step - 1][rows], "caption": CAPTIONS[rows]}
-        losses.append(train_step(cfg, step, batch, engine, autoencoder, flow, ema, guard,
-                                 ctx)["loss"])
+        losses.append(train_step(cfg, step, batch, engine, task, ema, guard, ctx)["loss"])
         if step == 1:
             grads = {n: full(p.grad) for n, p in model.named_parameters() if p.grad is not None}
     weights = {n: full(p) for n, p in model.named_parameters()}

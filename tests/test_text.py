@@ -63,3 +63,31 @@ def test_frozen_encoder_gets_no_gradient_but_its_projection_does():
     assert all(torch.equal(before[k], v) for k, v in frozen.state_dict().items())
     # random features still tell captions apart
     assert (tokens[0] - tokens[1]).norm() > 0.5 * tokens[0].norm()
+
+
+def test_project_of_encode_is_forward_and_padding_never_reaches_the_dit():
+    """The split lets cached encoder outputs stand in for ``encode``; garbage in padded
+    positions of several concatenated encoders leaves the DiT output unchanged."""
+    from models.dit import DiT, DiTConfig
+
+    cond = TextConditioner({"a": encoder(32, 16), "b": encoder(48, 24)}, width=32)
+    dit = DiT(DiTConfig(width=32, depth=2, heads=4, ffn_dim=48, in_channels=4,
+                        max_patches_t=2, max_patches_h=2, max_patches_w=2))
+    with torch.no_grad():
+        for param in [*cond.parameters(), *dit.parameters()]:  # adaLN-zero: no identity
+            param.normal_(std=0.2)
+    captions = ["a red square", "x", ""]
+    encoded = cond.encode(captions)
+    context, mask = cond(captions)
+    torch.testing.assert_close(cond.project(encoded)[0], context)
+    garbage = {name: (states.masked_fill(~pad_mask[..., None], 1e4), pad_mask)
+               for name, (states, pad_mask) in encoded.items()}
+    x, t = torch.randn(3, 4, 2, 4, 4), torch.full((3,), 0.6)
+    with torch.no_grad():
+        clean = dit(x, t, context, mask)
+        dirty = dit(x, t, *cond.project(garbage))
+        unmasked = dit(x, t, cond.project(garbage)[0], None)
+    torch.testing.assert_close(dirty, clean, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(unmasked, clean, rtol=1e-3, atol=1e-4)  # the test can fail
+    with pytest.raises(ValueError, match=r"encoders \['a'\] but the model was built with"):
+        cond.project({"a": encoded["a"]})

@@ -107,7 +107,7 @@ def test_caption_dropout_rate_and_determinism():
 
 
 def test_bf16_autocast_step_is_finite_and_close_to_fp32():
-    from trainer.train import autocast
+    from trainer.precision import autocast
 
     cfg = compose_train(SMALL + ["trainer.precision=bf16"])
     torch.manual_seed(0)

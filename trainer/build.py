@@ -7,15 +7,18 @@ meta device, then each rank allocates and fills only its shards.
 from __future__ import annotations
 
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from safetensors.torch import load_file
 
 from models.dit import DiT
 from models.flow import FlowMatching
+from models.pretrained_text import EncoderSettingError
 from models.t2v import TextToVideo
 from models.text import TextConditioner
 from parallel.mesh import MeshDims, ParallelContext
 from parallel.parallelize import materialise, parallelize_model
-from trainer.config import Engine, Precision, TrainConfig
+from trainer.config import ConfigError, Engine, Precision, TrainConfig
 
 DTYPES = {Precision.fp32: torch.float32, Precision.bf16: torch.bfloat16}
 
@@ -25,16 +28,48 @@ def single_process(device: torch.device) -> ParallelContext:
 
 
 def build_autoencoder(cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
-    autoencoder = instantiate(cfg.autoencoder).to(device)
+    """The frozen autoencoder between pixels and the DiT's latents; a trainable one (the
+    TAE) loads its trained weights from ``autoencoder.checkpoint``."""
+    autoencoder = instantiate(cfg.autoencoder)
+    if autoencoder.trainable:
+        load_autoencoder_weights(autoencoder, cfg.autoencoder.checkpoint)
     autoencoder.requires_grad_(False)
-    return autoencoder.eval()
+    return autoencoder.to(device).eval()
+
+
+def load_autoencoder_weights(autoencoder: torch.nn.Module, checkpoint: str) -> None:
+    """Weights from a safetensors file written by ``python -m trainer.export`` of a
+    ``task=tae`` run (its ``autoencoder.*`` tensors; the discriminator's are not needed),
+    or of the autoencoder alone. The config check made sure the file exists."""
+    tensors = load_file(checkpoint)
+    prefix = "autoencoder."
+    if any(name.startswith(prefix) for name in tensors):
+        tensors = {name[len(prefix):]: value for name, value in tensors.items()
+                   if name.startswith(prefix)}
+    try:
+        autoencoder.load_state_dict(tensors)
+    except RuntimeError as error:
+        raise ConfigError(f"autoencoder.checkpoint={checkpoint} does not fit the configured "
+                          f"autoencoder (check its channels and compressions against the run "
+                          f"that trained it): {str(error).splitlines()[0]} ...") from error
 
 
 def build_meta_model(cfg: TrainConfig) -> TextToVideo:
-    """Text conditioner + DiT on the meta device: shapes and names, no memory."""
+    """Text conditioner + DiT on the meta device: shapes and names, no memory. Pretrained
+    encoders read only their config and tokenizer here; ``materialise`` loads weights."""
     with torch.device("meta"):
-        encoders = {name: instantiate(encoder) for name, encoder in cfg.text.encoders.items()}
+        encoders = {name: _build_encoder(name, node) for name, node in cfg.text.encoders.items()}
         return TextToVideo(DiT(cfg.model), TextConditioner(encoders, cfg.model.width))
+
+
+def _build_encoder(name: str, node) -> torch.nn.Module:
+    try:
+        return instantiate(node)
+    except InstantiationException as error:
+        # Only here is the encoder's name known: name the full key of the bad setting.
+        if isinstance(error.__cause__, EncoderSettingError):
+            raise ConfigError(f"text.encoders.{name}.{error.__cause__}") from error.__cause__
+        raise
 
 
 def build_model(cfg: TrainConfig, ctx: ParallelContext) -> TextToVideo:

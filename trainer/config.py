@@ -9,6 +9,7 @@ their ``ConfigError`` messages name every value involved and the fix.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -18,6 +19,14 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from data.shards import WebDatasetConfig
 from models.dit import DiTConfig, patch_grid
+from models.pretrained_text import (
+    ByT5EncoderConfig,
+    CLIPEncoderConfig,
+    MiniLMEncoderConfig,
+    T5EncoderConfig,
+)
+from models.tae import TAEConfig
+from models.tae_losses import TAELossConfig
 from parallel.mesh import MeshDims
 
 
@@ -50,6 +59,11 @@ class CPMode(Enum):
 class Engine(Enum):
     fsdp2 = "fsdp2"
     deepspeed = "deepspeed"
+
+
+class Task(Enum):
+    t2v = "t2v"  # the text-conditioned DiT by flow matching on the autoencoder's latents
+    tae = "tae"  # the autoencoder itself (recipe=tae_adamw)
 
 
 class ActivationCheckpointing(Enum):
@@ -157,6 +171,23 @@ class RecipeConfig:
 
 
 @dataclass
+class TAERecipeConfig(RecipeConfig):
+    """Training the autoencoder (task=tae): the loss weights, and the patch discriminator's
+    size when ``discriminator`` is on (hinge loss with an adaptive weight)."""
+
+    loss: TAELossConfig = field(default_factory=TAELossConfig)
+    discriminator: bool = False
+    disc_channels: int = 32
+    disc_layers: int = 3
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.disc_channels < 1 or self.disc_layers < 1:
+            raise ConfigError(f"recipe.disc_channels={self.disc_channels} and "
+                              f"recipe.disc_layers={self.disc_layers} must be >= 1")
+
+
+@dataclass
 class WandbConfig:
     project: str = "cinetron"
     mode: WandbMode = WandbMode.offline
@@ -198,7 +229,36 @@ class TrainConfig:
     parallel: Any = MISSING
     recipe: Any = MISSING
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    task: Task = Task.t2v
     run_name: str = "t2v_tiny"
+
+    def __post_init__(self) -> None:
+        if self.task is Task.t2v and isinstance(self.autoencoder, TAEConfig):
+            check_autoencoder_checkpoint(self.autoencoder.checkpoint)
+        if self.task is not Task.tae:
+            return
+        if not isinstance(self.autoencoder, TAEConfig):
+            raise ConfigError("task=tae trains a temporal autoencoder, but the autoencoder "
+                              "group is not one; pick autoencoder=tae_tiny (or another tae_*)")
+        if not isinstance(self.recipe, TAERecipeConfig):
+            raise ConfigError("task=tae needs the autoencoder's losses: use recipe=tae_adamw")
+        par = self.parallel
+        if par.tp > 1 or par.cp > 1 or par.engine is not Engine.fsdp2:
+            raise ConfigError(f"task=tae trains data-parallel with FSDP2 only, but "
+                              f"parallel.tp={par.tp}, parallel.cp={par.cp}, parallel.engine="
+                              f"{par.engine.value}; set tp=1 cp=1 engine=fsdp2")
+
+
+def check_autoencoder_checkpoint(checkpoint: str | None) -> None:
+    """A frozen TAE needs trained weights: a safetensors file from trainer.export."""
+    how = ("train one (experiment=tae_tiny), export it (python -m trainer.export "
+           "checkpoint=runs/tae_tiny output=tae.safetensors) and set "
+           "autoencoder.checkpoint=tae.safetensors")
+    if not checkpoint:
+        raise ConfigError(f"autoencoder.checkpoint is not set: the DiT would learn the latents "
+                          f"of an untrained autoencoder; {how}")
+    if not os.path.isfile(checkpoint):
+        raise ConfigError(f"autoencoder.checkpoint={checkpoint} is not a file; {how}")
 
 
 def register_configs() -> None:
@@ -206,12 +266,18 @@ def register_configs() -> None:
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(group="model", name="dit_schema", node=DiTConfig)
     cs.store(group="autoencoder", name="identity_schema", node=IdentityAutoencoderConfig)
+    cs.store(group="autoencoder", name="tae_schema", node=TAEConfig)
     cs.store(group="text", name="text_schema", node=TextConfig)
     cs.store(group="text/encoder", name="byte_schema", node=ByteTextEncoderConfig)
+    cs.store(group="text/encoder", name="t5_schema", node=T5EncoderConfig)
+    cs.store(group="text/encoder", name="byt5_schema", node=ByT5EncoderConfig)
+    cs.store(group="text/encoder", name="clip_schema", node=CLIPEncoderConfig)
+    cs.store(group="text/encoder", name="minilm_schema", node=MiniLMEncoderConfig)
     cs.store(group="data", name="synthetic_schema", node=SyntheticDataConfig)
     cs.store(group="data", name="webdataset_schema", node=WebDatasetConfig)
     cs.store(group="parallel", name="parallel_schema", node=ParallelConfig)
     cs.store(group="recipe", name="recipe_schema", node=RecipeConfig)
+    cs.store(group="recipe", name="tae_recipe_schema", node=TAERecipeConfig)
 
 
 def to_train_config(cfg: DictConfig) -> TrainConfig:

@@ -17,7 +17,7 @@ from omegaconf import MISSING
 from safetensors.torch import save_file
 
 from trainer.run_config import parse_cli_options
-from trainer.sampling import load_trained
+from trainer.trained import load_run
 
 
 @dataclass
@@ -28,7 +28,7 @@ class ExportConfig:
 
 
 def export(opts: ExportConfig) -> Path:
-    run = load_trained(Path(opts.checkpoint), torch.device("cpu"), opts.ema)
+    run = load_run(Path(opts.checkpoint), torch.device("cpu"), opts.ema)
     output = Path(opts.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     tensors = {name: value.detach().contiguous() for name, value in

@@ -85,12 +85,13 @@ class Monitor:
         if self.wandb_run is not None:
             self.wandb_run.log(values, step=step)
 
-    def log_videos(self, paths: list[Path], prompts: list[str], step: int) -> None:
-        self.record("samples", step, paths=[str(p) for p in paths], prompts=prompts)
+    def log_videos(self, paths: list[Path], prompts: list[str], step: int,
+                   key: str = "samples") -> None:
+        self.record(key, step, paths=[str(p) for p in paths], prompts=prompts)
         if self.wandb_run is not None:
             import wandb
 
-            self.log_wandb({"samples": [wandb.Video(str(p), caption=c, format="mp4")
+            self.log_wandb({key: [wandb.Video(str(p), caption=c, format="mp4")
                                         for p, c in zip(paths, prompts, strict=True)]}, step)
 
     def write(self, message: str) -> None:

@@ -16,7 +16,8 @@ import torch
 from omegaconf import MISSING
 
 from trainer.run_config import parse_cli_options
-from trainer.sampling import generate, load_trained, write_videos
+from trainer.sampling import generate, write_videos
+from trainer.trained import load_text_to_video
 
 
 @dataclass
@@ -37,9 +38,10 @@ class SampleConfig:
 
 
 def sample(opts: SampleConfig) -> list[Path]:
-    run = load_trained(Path(opts.checkpoint), torch.device(opts.device), opts.ema,
-                       opts.frames, opts.height, opts.width)
-    videos = torch.cat([generate(run.model, run.autoencoder, [opts.prompt], run.latent_shape,
+    run = load_text_to_video(Path(opts.checkpoint), torch.device(opts.device), opts.ema,
+                             frames=opts.frames, height=opts.height, width=opts.width)
+    task = run.task
+    videos = torch.cat([generate(run.model, task.autoencoder, [opts.prompt], task.latent_shape,
                                  opts.steps, opts.guidance_scale, seed=opts.seed + i)
                         for i in range(opts.num_videos)])
     output_dir = Path(opts.output_dir) if opts.output_dir else run.run_dir / "samples" / "cli"

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import random
 from functools import partial
-from itertools import islice
 from pathlib import Path
 
 import hydra
@@ -19,8 +18,6 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from data.loader import ShuffledBatches
-from models.dit import patch_grid
 from parallel.checkpoint import (
     Checkpointer,
     load_deepspeed_state,
@@ -30,22 +27,20 @@ from parallel.checkpoint import (
 )
 from parallel.engine import NativeEngine
 from parallel.mesh import ParallelContext, init_parallel, read_launch_env, shutdown
-from trainer.build import build_autoencoder, build_flow, build_model
 from trainer.config import (
     ConfigError,
     Engine,
     TrainConfig,
-    check_latent_fits,
     check_parallel_fits,
     register_configs,
     to_train_config,
 )
-from trainer.data import build_datasets, build_train_batches
+from trainer.data import build_datasets, build_train_batches, build_val_batches
 from trainer.ema import EMA
 from trainer.metrics import Monitor
-from trainer.objective import flow_matching_loss, text_sensitivity
 from trainer.optim import build_optimizer
-from trainer.sampling import generate, write_videos
+from trainer.precision import autocast
+from trainer.tasks import build_task
 
 
 class NonFiniteGuard:
@@ -82,20 +77,15 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
 
-def autocast(cfg: TrainConfig, device: torch.device):
-    return torch.autocast(device.type, dtype=torch.bfloat16,
-                          enabled=cfg.trainer.precision.value == "bf16")
-
-
-def train_step(cfg, step, batch, engine, autoencoder, flow, ema, guard, ctx) -> dict[str, float]:
+def train_step(cfg, step, batch, engine, task, ema, guard, ctx) -> dict[str, float]:
+    """One optimizer step on this rank's rows of the global batch; metrics are means over
+    the data-parallel replicas."""
     engine.zero_grad()
-    local = batch["video"].shape[0]
+    local = len(batch["caption"])
     rows = slice(ctx.dp_rank * local, (ctx.dp_rank + 1) * local)
     with autocast(cfg, ctx.device):
-        loss = flow_matching_loss(engine.module, autoencoder, flow,
-                                  batch["video"].to(ctx.device), batch["caption"],
-                                  step_generator(cfg.trainer.seed, step),
-                                  cfg.recipe.caption_dropout, rows, local * ctx.dp_size)
+        loss, extras = task.loss(engine.module, batch, step_generator(cfg.trainer.seed, step),
+                                 rows, local * ctx.dp_size, step)
     loss_value, grad_norm = ctx.mean_over_dp(loss), math.nan
     lr = engine.scheduler.get_last_lr()[0]
     if math.isfinite(loss_value):
@@ -109,48 +99,18 @@ def train_step(cfg, step, batch, engine, autoencoder, flow, ema, guard, ctx) -> 
         ema.update(step)
     engine.scheduler.step()
     return {"loss": loss_value, "grad_norm": grad_norm, "lr": lr,
-            "skipped_steps": guard.total}
+            "skipped_steps": guard.total,
+            **{name: ctx.mean_over_dp(value) for name, value in extras.items()}}
 
 
-@torch.no_grad()
-def validate(cfg, model, autoencoder, flow, val_data, device) -> dict[str, float]:
-    """Mean loss over the first ``val_batches`` held-out batches with fixed noise and t,
-    and the text sensitivity of the first batch. Every rank runs the same full batches
-    (sharded models need all ranks in the forward) and gets the same numbers."""
-    batches = ShuffledBatches(val_data, cfg.recipe.batch_size, seed=0, shuffle=False)
-    generator = torch.Generator().manual_seed(cfg.trainer.seed)
-    count = min(cfg.trainer.val_batches, batches.batches_per_epoch)
-    losses, sensitivity = [], 0.0
-    for index, batch in enumerate(islice(iter(batches), count)):
-        video = batch["video"].to(device)
-        with autocast(cfg, device):
-            losses.append(flow_matching_loss(model, autoencoder, flow, video, batch["caption"],
-                                             generator).item())
-            if index == 0:
-                sensitivity = text_sensitivity(model, autoencoder, flow, video,
-                                               batch["caption"], generator)
-    return {"loss": sum(losses) / len(losses), "text_sensitivity": sensitivity}
-
-
-def log_validation(cfg, step, model, ema, autoencoder, flow, val_data, device, monitor) -> None:
-    """Validate with the training weights and with the EMA weights (the ones sampled)."""
-    val = validate(cfg, model, autoencoder, flow, val_data, device)
+def log_validation(task, step, model, ema, val_batches, monitor) -> None:
+    """Validate with the training weights and with the EMA weights (the ones shown)."""
+    val = task.validate(model, val_batches())
     with ema.swapped_in():
-        ema_val = validate(cfg, model, autoencoder, flow, val_data, device)
+        ema_val = task.validate(model, val_batches())
     val |= {f"{k}_ema": v for k, v in ema_val.items()}
     monitor.record("val", step, **val)
     monitor.log_wandb({f"val/{k}": v for k, v in val.items()}, step)
-
-
-def sample_prompts(cfg, step, run_dir, model, autoencoder, latent_shape, monitor) -> None:
-    """Every rank samples (the model may be sharded); rank 0 writes and logs the videos."""
-    prompts = list(cfg.trainer.sample_prompts)
-    videos = generate(model, autoencoder, prompts, latent_shape, cfg.trainer.sample_steps,
-                      cfg.trainer.guidance_scale, seed=cfg.trainer.seed)
-    if monitor.enabled:
-        paths = write_videos(videos, prompts, run_dir / "samples" / f"step_{step:08d}",
-                             cfg.data.fps)
-        monitor.log_videos(paths, prompts, step)
 
 
 def trainer_state(step, stateful) -> dict:
@@ -198,14 +158,6 @@ def restore(checkpointer: Checkpointer, engine, ema: EMA, stateful: dict) -> int
     return state["step"]
 
 
-def global_tokens(cfg: TrainConfig, autoencoder, batch, ctx: ParallelContext) -> int:
-    """Video tokens in the step's global batch, counting every replica's batch at this rank's
-    shape (exact for map-style data; with shard buckets the shapes may differ)."""
-    batch_size, _, frames, height, width = batch["video"].shape
-    grid = patch_grid(cfg.model, autoencoder.latent_shape(frames, height, width))
-    return batch_size * ctx.dp_size * math.prod(grid)
-
-
 def start_parallel(cfg: TrainConfig) -> ParallelContext:
     dims = check_parallel_fits(cfg, read_launch_env().world_size)
     return init_parallel(dims, torch.device(cfg.trainer.device).type)
@@ -213,41 +165,39 @@ def start_parallel(cfg: TrainConfig) -> ParallelContext:
 
 def train(cfg: TrainConfig, run_dir: Path, config_dict: dict) -> None:
     ctx = start_parallel(cfg)
-    device = ctx.device
     torch.manual_seed(cfg.trainer.seed)
-    autoencoder = build_autoencoder(cfg, device)
-    latent_shape = check_latent_fits(cfg, autoencoder)
-    model, flow = build_model(cfg, ctx), build_flow(cfg)
+    task = build_task(cfg, ctx)
+    model = task.build_model()
     engine = build_engine(cfg, model, ctx)
     ema = EMA(engine.ema_tensors(), cfg.recipe.ema_decay,
               getattr(engine, "release_params", None))
-    train_data, val_data = build_datasets(cfg.data)
-    batches = build_train_batches(cfg, train_data, ctx)
+    batches = build_train_batches(cfg, build_datasets(cfg.data)[0], ctx)
+    val_batches = build_val_batches(cfg)
     guard = NonFiniteGuard(cfg.trainer.max_nonfinite_steps)
     checkpointer = Checkpointer(run_dir / "checkpoints", cfg.trainer.keep_last)
     stateful = {"scheduler": engine.scheduler, "data": batches, "guard": guard}
     step = restore(checkpointer, engine, ema, stateful)
     monitor = Monitor(cfg, run_dir, config_dict, step, enabled=ctx.is_main)
     trainable = sum(getattr(p, "ds_numel", p.numel()) for p in engine.params)
-    monitor.write(f"{trainable:,} trainable parameters; at most "
-                  f"{math.prod(patch_grid(cfg.model, latent_shape)):,} video tokens per "
-                  f"sample; mesh {ctx.dims}; run dir {run_dir}")
+    monitor.write(f"{trainable:,} trainable parameters; {task.describe()}; mesh {ctx.dims}; "
+                  f"run dir {run_dir}")
     data_iter = iter(batches)
     while step < cfg.trainer.max_steps:
         with monitor.waiting_for_data():
             batch = next(data_iter)
         step += 1
-        metrics = train_step(cfg, step, batch, engine, autoencoder, flow, ema, guard, ctx)
+        metrics = train_step(cfg, step, batch, engine, task, ema, guard, ctx)
         metrics |= {f"skipped_{reason}": count
                     for reason, count in getattr(batches, "skipped", {}).items()}
-        monitor.log_train_step(step, tokens=global_tokens(cfg, autoencoder, batch, ctx),
-                               **metrics)
+        # every replica's batch counted at this rank's shape: exact for map-style data;
+        # shard buckets may differ between replicas
+        monitor.log_train_step(step, tokens=task.tokens(batch) * ctx.dp_size, **metrics)
         last = step == cfg.trainer.max_steps
-        if (step % cfg.trainer.val_every == 0 or last) and val_data is not None:
-            log_validation(cfg, step, model, ema, autoencoder, flow, val_data, device, monitor)
-        if (step % cfg.trainer.sample_every == 0 or last) and cfg.trainer.sample_prompts:
+        if (step % cfg.trainer.val_every == 0 or last) and val_batches is not None:
+            log_validation(task, step, model, ema, val_batches, monitor)
+        if step % cfg.trainer.sample_every == 0 or last:
             with ema.swapped_in():
-                sample_prompts(cfg, step, run_dir, model, autoencoder, latent_shape, monitor)
+                task.show(step, run_dir, model, monitor)
         if step % cfg.trainer.ckpt_every == 0 or last:
             checkpointer.save(step, partial(save_checkpoint, engine=engine, ema=ema,
                                             state=trainer_state(step, stateful)))

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from .balance import ConceptBalancer, embed_captions, load_caption_encoder
+from .balance import AspectBalancer, ConceptBalancer, embed_captions, load_caption_encoder
 from .basic import AspectFilter, CaptionFilter, DurationFilter, ProbeFilter, ResolutionFilter
 from .clip import Clip, Decision, Probe, ProbeError, probe_video
 from .dedup import DuplicateFilter, DuplicateIndex, clip_signature
@@ -81,8 +81,9 @@ def run_filters(clip: Clip, filters: Sequence) -> ChainResult:
 
 
 __all__ = [
-    "FILTERS", "SCORERS", "AspectFilter", "BorderFilter", "CaptionFilter", "ChainResult",
-    "Clip", "ClipScorer", "ConceptBalancer", "Decision", "DuplicateFilter", "DuplicateIndex",
+    "FILTERS", "SCORERS", "AspectBalancer", "AspectFilter", "BorderFilter", "CaptionFilter",
+    "ChainResult", "Clip", "ClipScorer", "ConceptBalancer", "Decision", "DuplicateFilter",
+    "DuplicateIndex",
     "DurationFilter", "MotionFilter", "Probe", "ProbeError", "ProbeFilter", "ResolutionFilter",
     "SceneCutFilter", "ScoreFilter", "SharpnessFilter", "TextAreaHeuristic", "build_filter",
     "build_filters", "clip_signature", "embed_captions", "load_caption_encoder", "probe_video",

@@ -3,7 +3,8 @@
 Pass 1 (`filter_shard`, one worker per shard): run the per-clip filter chain on every
 sample of a raw shard and save one intermediate json per shard under `output/.work/`.
 Pass 2 (`dedup_and_balance`, in the parent): near-duplicates across the whole dataset
-with one `DuplicateIndex`, then concept balancing of the survivors' captions.
+with one `DuplicateIndex`, then concept balancing of the survivors' captions, then the
+landscape/portrait mix (its factor multiplies the concept weight).
 Pass 3 (`write_curated_shard`, one worker per shard): copy the kept samples into a
 curated shard of the same name, their json extended with scores, window and weight.
 
@@ -28,6 +29,7 @@ from typing import Any
 from data.shards import IMAGE_EXTS, VIDEO_EXTS, write_shard
 
 from . import (
+    AspectBalancer,
     Clip,
     ConceptBalancer,
     Decision,
@@ -170,11 +172,13 @@ def _filter_sample(key: str, members: Mapping[str, bytes], chain: list,
 
 
 def dedup_and_balance(works: Sequence[dict], specs: Sequence[Mapping],
-                      balance: Mapping | None) -> None:
+                      balance: Mapping | None, aspect_mix: Mapping | None = None) -> dict | None:
     """Pass 2 over the pass-1 results in the given (fixed) order, in place: near-duplicates
-    become drops, and each survivor gets its sampling `weight` and caption `cluster`.
+    become drops, and each survivor gets its sampling `weight` and caption `cluster`, and
+    with `aspect_mix` its `orientation` and `aspect_factor` (already in `weight`).
 
     The first of a near-duplicate group is kept, the later ones name it in their reason.
+    Returns the AspectBalancer's report of the mix (None without `aspect_mix`).
     """
     dedup = next((s for s in specs if s["name"] == DEDUP), None)
     if dedup is not None:
@@ -191,13 +195,32 @@ def dedup_and_balance(works: Sequence[dict], specs: Sequence[Mapping],
             record["scores"].update(duplicate_of=other, duplicate_distance=dist)
     survivors = list(kept_records(works))
     if not survivors:
-        return
+        return None
     if balance is None:  # balancing switched off: every sample drawn once per epoch
         labels, weights = [0] * len(survivors), [1.0] * len(survivors)
     else:  # ConceptBalancer caps num_clusters at the number of captions
         labels, weights = ConceptBalancer(**balance)([r["caption"] for r in survivors])
     for record, label, weight in zip(survivors, labels, weights, strict=True):
         record.update(weight=round(float(weight), 6), cluster=int(label))
+    if aspect_mix is None:
+        return None
+    factors, kinds, report = AspectBalancer(**aspect_mix)(
+        [_aspect(r) for r in survivors], [r["weight"] for r in survivors])
+    for record, factor, kind in zip(survivors, factors, kinds, strict=True):
+        record.update(weight=round(record["weight"] * float(factor), 6),
+                      aspect_factor=round(float(factor), 6), orientation=kind)
+    return report
+
+
+def _aspect(record: Mapping) -> float:
+    """Displayed width/height: the aspect filter's score, else the probe's frame size."""
+    scores = record["scores"]
+    if "aspect" in scores:
+        return scores["aspect"]
+    if scores.get("height"):
+        return scores["width"] / scores["height"]
+    raise ValueError(f"aspect_mix needs the aspect or probe filter in the chain: clip "
+                     f"{record['key']} has no aspect score")
 
 
 def kept_records(works: Sequence[dict]) -> Iterator[dict]:
@@ -210,8 +233,8 @@ def write_curated_shard(raw: str | Mapping, out: str, records: Sequence[dict]) -
     Skipped when `out` exists (write_shard renames a complete tar into place)."""
     if os.path.exists(out):
         return out
-    added = {r["key"]: {k: r[k] for k in ("scores", "start", "end", "weight", "cluster")}
-             for r in records if r["keep"]}
+    fields = ("scores", "start", "end", "weight", "cluster", "orientation", "aspect_factor")
+    added = {r["key"]: {k: r[k] for k in fields if k in r} for r in records if r["keep"]}
     samples, _ = read_raw_shard(raw)
 
     def curated():
@@ -258,7 +281,7 @@ def _reason_kind(reason: str) -> str:
 
 
 def funnel_table(report: Mapping) -> str:
-    """The funnel as a markdown table: samples left after each stage."""
+    """The funnel as a markdown table: samples left after each stage; then the aspect mix."""
     left = report["samples_in"]
     lines = [f"Curation funnel: {report['samples_in']} samples "
              f"({report['hours_in']:.4f} h) in, {report['samples_out']} "
@@ -269,7 +292,24 @@ def funnel_table(report: Mapping) -> str:
         reasons = "; ".join(f"{k} ({n})" for k, n in row["reasons"].items())
         reasons = reasons.replace("|", "\\|")  # a bare | would split the table cell
         lines.append(f"| {name} | {row['samples']} | {row['hours']:.4f} | {left} | {reasons} |")
+    if report.get("aspect_mix"):
+        lines += ["", aspect_line(report["aspect_mix"])]
     return "\n".join(lines)
+
+
+def aspect_line(mix: Mapping) -> str:
+    """One line: the landscape:portrait share of expected samples before/after the mix."""
+    def pair(share):
+        return "n/a" if share is None else f"{share:.1%}:{1 - share:.1%}"
+
+    clips, factors = mix["clips"], mix["factors"]
+    return (f"Aspect mix, landscape:portrait share of samples per epoch: "
+            f"{pair(mix['landscape_before'])} -> {pair(mix['landscape_after'])} (target "
+            f"{pair(mix['target_landscape'])}; weight factors landscape x"
+            f"{factors['landscape']:.3f}, portrait x{factors['portrait']:.3f}, at most "
+            f"x{mix['max_factor']:g} apart; clips {clips['landscape']} landscape, "
+            f"{clips['portrait']} portrait, {clips['square']} square counted as "
+            f"{mix['squares']})")
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

@@ -1,0 +1,86 @@
+"""The text-to-video task: a text-conditioned DiT trained by flow matching on the frozen
+autoencoder's latents. The loop in ``trainer.train`` is generic; a task says what the
+model is, what one step's loss is, how to validate, and what to show.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from models.dit import patch_grid
+from parallel.mesh import ParallelContext
+from trainer.build import build_autoencoder, build_flow, build_model
+from trainer.config import TrainConfig, check_latent_fits
+from trainer.objective import flow_matching_loss, text_sensitivity
+from trainer.precision import autocast
+from trainer.sampling import generate, write_videos
+
+
+class TextToVideoTask:
+    def __init__(self, cfg: TrainConfig, ctx: ParallelContext):
+        self.cfg, self.ctx = cfg, ctx
+        self.autoencoder = build_autoencoder(cfg, ctx.device)
+        self.latent_shape = check_latent_fits(cfg, self.autoencoder)
+        self.flow = build_flow(cfg)
+
+    def build_model(self) -> nn.Module:
+        return build_model(self.cfg, self.ctx)
+
+    def describe(self) -> str:
+        return (f"at most {math.prod(patch_grid(self.cfg.model, self.latent_shape)):,} "
+                f"video tokens per sample")
+
+    def loss(self, model: nn.Module, batch: dict[str, Any], generator: torch.Generator,
+             rows: slice, global_batch: int, step: int
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """This rank's ``rows`` of the global batch -> (loss, no extra metrics)."""
+        video = batch["video"].to(self.ctx.device)
+        loss = flow_matching_loss(model, self.autoencoder, self.flow, video, batch["caption"],
+                                  generator, self.cfg.recipe.caption_dropout, rows,
+                                  global_batch)
+        return loss, {}
+
+    def tokens(self, batch: dict[str, Any]) -> int:
+        """Video tokens in this rank's batch (the DiT's patches of its latents)."""
+        batch_size, _, frames, height, width = batch["video"].shape
+        latent = self.autoencoder.latent_shape(frames, height, width)
+        return batch_size * math.prod(patch_grid(self.cfg.model, latent))
+
+    @torch.no_grad()
+    def validate(self, model: nn.Module, batches: Iterable[dict[str, Any]]) -> dict[str, float]:
+        """Mean loss over the first ``val_batches`` held-out batches with fixed noise and t,
+        and the text sensitivity of the first batch. Every rank runs the same full batches
+        (sharded models need all ranks in the forward) and gets the same numbers."""
+        cfg, device = self.cfg, self.ctx.device
+        generator = torch.Generator().manual_seed(cfg.trainer.seed)
+        losses, sensitivity = [], 0.0
+        for index, batch in enumerate(islice(batches, cfg.trainer.val_batches)):
+            video = batch["video"].to(device)
+            with autocast(cfg, device):
+                losses.append(flow_matching_loss(model, self.autoencoder, self.flow, video,
+                                                 batch["caption"], generator).item())
+                if index == 0:
+                    sensitivity = text_sensitivity(model, self.autoencoder, self.flow, video,
+                                                   batch["caption"], generator)
+        return {"loss": sum(losses) / len(losses), "text_sensitivity": sensitivity}
+
+    def show(self, step: int, run_dir: Path, model: nn.Module, monitor) -> None:
+        """Sample the configured prompts: every rank samples (the model may be sharded),
+        rank 0 writes and logs the videos."""
+        prompts = list(self.cfg.trainer.sample_prompts)
+        if not prompts:
+            return
+        trainer = self.cfg.trainer
+        videos = generate(model, self.autoencoder, prompts, self.latent_shape,
+                          trainer.sample_steps, trainer.guidance_scale, seed=trainer.seed)
+        if monitor.enabled:
+            paths = write_videos(videos, prompts, run_dir / "samples" / f"step_{step:08d}",
+                                 self.cfg.data.fps)
+            monitor.log_videos(paths, prompts, step)
