@@ -15,6 +15,7 @@ Shapes: video and reconstruction (B, 3, T, H, W); posterior mean and logvar
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -121,9 +122,15 @@ def generator_adversarial_loss(fake_logits: torch.Tensor) -> torch.Tensor:
 
 
 def adaptive_gan_weight(rec_loss: torch.Tensor, gan_loss: torch.Tensor,
-                        reconstruction: torch.Tensor, max_weight: float) -> torch.Tensor:
+                        reconstruction: torch.Tensor, max_weight: float,
+                        sum_squares: Callable[[torch.Tensor], torch.Tensor] | None = None
+                        ) -> torch.Tensor:
     """λ = ||∂rec_loss/∂x|| / (||∂gan_loss/∂x|| + 1e-4) for x the reconstruction, clamped to
     [0, max_weight], 0 when not finite; a detached scalar.
+
+    ``sum_squares`` turns this rank's squared gradient norms (a (2,) tensor) into the
+    global batch's: under data parallelism each rank holds some rows of x, and λ must be
+    one number for the whole batch, as in a single process.
 
     Taming-transformers takes these gradients at the decoder's last weight. We take them
     at the reconstruction: the decoder may be FSDP-sharded, where a weight's gradient is a
@@ -132,14 +139,19 @@ def adaptive_gan_weight(rec_loss: torch.Tensor, gan_loss: torch.Tensor,
     """
     rec_grad, = torch.autograd.grad(rec_loss, reconstruction, retain_graph=True)
     gan_grad, = torch.autograd.grad(gan_loss, reconstruction, retain_graph=True)
-    weight = rec_grad.norm() / (gan_grad.norm() + 1e-4)
+    squares = torch.stack([rec_grad.pow(2).sum(), gan_grad.pow(2).sum()])
+    if sum_squares is not None:
+        squares = sum_squares(squares)
+    rec_norm, gan_norm = squares.sqrt()
+    weight = rec_norm / (gan_norm + 1e-4)
     weight = torch.where(torch.isfinite(weight), weight.clamp(0.0, max_weight), 0.0)
     return weight.detach()
 
 
 def tae_loss(video: torch.Tensor, reconstruction: torch.Tensor, mean: torch.Tensor,
              logvar: torch.Tensor, cfg: TAELossConfig, step: int,
-             discriminator: PatchDiscriminator | None = None
+             discriminator: PatchDiscriminator | None = None,
+             sum_squares: Callable[[torch.Tensor], torch.Tensor] | None = None
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The TAE objective -> (total, metrics of detached scalars).
 
@@ -159,7 +171,8 @@ def tae_loss(video: torch.Tensor, reconstruction: torch.Tensor, mean: torch.Tens
         metrics["opl"] = opl
     if discriminator is not None and step >= cfg.disc_start:
         gen_adv = generator_adversarial_loss(discriminator(reconstruction, detach_params=True))
-        weight = adaptive_gan_weight(l1, gen_adv, reconstruction, cfg.adaptive_weight_max)
+        weight = adaptive_gan_weight(l1, gen_adv, reconstruction, cfg.adaptive_weight_max,
+                                     sum_squares)
         # A host sync, once a step: a non-finite GAN gradient must stay out of the backward
         # graph entirely, since 0 x inf there is still NaN.
         if weight > 0 and torch.isfinite(gen_adv):

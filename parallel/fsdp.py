@@ -61,10 +61,15 @@ def apply_fsdp(model: TextToVideo, ctx: ParallelContext, param_dtype: torch.dtyp
 def reduce_as_data_parallel(model: torch.nn.Module, ctx: ParallelContext) -> None:
     """Every unit sums gradients over its shard group and divides by the data-parallel
     size (the module docstring says why)."""
+    # With one rank per shard group (pure replication) torch 2.13 divides by an explicit
+    # factor twice (in its single-rank copy and again after the all-reduce); its default
+    # factor there is the replica count, which is dp.
+    shard_group_size = ctx.dims.dp_shard * ctx.dims.cp
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_force_sum_reduction_for_comms(True)
-            module.set_gradient_divide_factor(float(ctx.dims.dp))
+            if shard_group_size > 1:
+                module.set_gradient_divide_factor(float(ctx.dims.dp))
 
 
 def _frozen_policy(encoder: torch.nn.Module, policy: MixedPrecisionPolicy

@@ -138,6 +138,14 @@ class ParallelContext:
         dist.all_gather_object(gathered, obj)
         return gathered
 
+    def sum_over_dp(self, value: torch.Tensor) -> torch.Tensor:
+        """Sum of a per-replica tensor over the data-parallel replicas (no gradient)."""
+        if not self.distributed or self.dp_size == 1:
+            return value.detach()
+        total = value.detach().clone()
+        dist.all_reduce(total, group=self.group("dp"))
+        return total
+
     def mean_over_dp(self, value: torch.Tensor) -> float:
         """Mean of a per-replica value over the data-parallel replicas (gloo has no AVG)."""
         if not self.distributed or self.dp_size == 1:

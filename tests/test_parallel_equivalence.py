@@ -86,14 +86,15 @@ CASES = {
     "fsdp2_tp2": ["parallel.dp_shard=2", "parallel.tp=2"],
     "fsdp2_cp2": ["parallel.dp_shard=2", "parallel.cp=2", "parallel.cp_mode=ring"],
     "hsdp_2x2": ["parallel.dp_replicate=2", "parallel.dp_shard=2"],
+    "replicate2": ["parallel.dp_replicate=2", "parallel.dp_shard=1"],
     # the memory/speed switches compose with the mesh
     "fsdp2_tp2_checkpointed": ["parallel.dp_shard=2", "parallel.tp=2",
                                "parallel.activation_checkpointing=full"],
     "tp2_compiled_every_k": ["parallel.tp=2", "parallel.compile=true",
                              "parallel.activation_checkpointing=every_k"],
 }
-WORLD = {"tp2": 2, "cp2_allgather_kv": 2, "cp2_ulysses": 2, "cp2_ring": 2, "fsdp2": 2,
-         "tp2_compiled_every_k": 2}
+WORLD = {"replicate2": 2, "tp2": 2, "cp2_allgather_kv": 2, "cp2_ulysses": 2, "cp2_ring": 2,
+         "fsdp2": 2, "tp2_compiled_every_k": 2}
 
 
 @pytest.mark.parametrize("case", list(CASES))

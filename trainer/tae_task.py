@@ -64,8 +64,15 @@ class AutoencoderTask:
         video = batch["video"].to(self.ctx.device)
         noise = self._noise(model, video, global_batch, generator)[rows]
         reconstruction, mean, logvar = model(video, noise.to(video.device))
+        # this rank's losses are means over its rows: scaled, their gradients are the
+        # global batch's rows, and summing squares over replicas gives the global norms
+        scale = (rows.stop - rows.start) / global_batch
+
+        def sum_squares(squares: torch.Tensor) -> torch.Tensor:
+            return self.ctx.sum_over_dp(squares * scale ** 2)
+
         return tae_loss(video, reconstruction, mean, logvar, self.cfg.recipe.loss, step,
-                        model.discriminator)
+                        model.discriminator, sum_squares)
 
     def _noise(self, model: nn.Module, video: torch.Tensor, count: int,
                generator: torch.Generator) -> torch.Tensor:
