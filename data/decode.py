@@ -17,6 +17,12 @@ from PIL import Image
 
 from data.buckets import Bucket, BucketGrid
 
+# Decoding runs in DataLoader workers that share the cores, each already on one torch
+# thread; OpenCV would start a pool of one thread per core in each. Set once at import,
+# before any worker forks: setting it inside a forked worker can deadlock on the pool's
+# lock when the parent had used OpenCV threads.
+cv2.setNumThreads(1)
+
 
 class Skip(Exception):
     """A sample that cannot be used; `reason` is the counter key."""

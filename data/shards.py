@@ -33,7 +33,6 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import cv2
 import torch
 import webdataset as wds
 from braceexpand import braceexpand
@@ -80,6 +79,19 @@ def write_shard(path: str | os.PathLike, samples: Iterable[dict[str, Any]]) -> N
         raise
 
 
+def read_meta(members: dict[str, bytes]) -> dict[str, Any]:
+    """A sample's ``json`` member as a dict ({} without one); raises Skip("bad_json")."""
+    if "json" not in members:
+        return {}
+    try:
+        meta = json.loads(members["json"])
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise Skip("bad_json", str(err)) from err
+    if not isinstance(meta, dict):
+        raise Skip("bad_json", f"expected an object, got {type(meta).__name__}")
+    return meta
+
+
 def expand_shards(pattern: str | list[str], key: str = "data.shards") -> list[str]:
     """Brace-expand shard patterns; local paths must exist (URLs and ``pipe:`` are kept).
     `key` is the config key the patterns came from, for the error message."""
@@ -104,7 +116,10 @@ class VideoShards(IterableDataset):
     carrying part-filled buckets across epochs; a finite run flushes them at the end as
     smaller batches. Each batch also carries its worker's state under ``_state``.
     `weighted=False` uses every sample once per epoch whatever its ``weight`` (held-out
-    sets)."""
+    sets). A subclass reading another sample format overrides ``load_sample`` and
+    ``collate`` only (``data.latent_shards``)."""
+
+    collate = staticmethod(collate)  # samples of one bucket -> one batch
 
     def __init__(self, shards: str | list[str], grid: BucketGrid, fps: float, seed: int = 0,
                  dp_rank: int = 0, dp_size: int = 1, epochs: int | None = None,
@@ -133,7 +148,7 @@ class VideoShards(IterableDataset):
         random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
         return [self.urls[i] for i in order[self.dp_rank::self.dp_size][worker::num_workers]]
 
-    def _read(self, url: str, skipped: Counter) -> Iterator[tuple[int, str, dict[str, bytes]]]:
+    def read_shard(self, url: str, skipped: Counter) -> Iterator[tuple[int, str, dict[str, bytes]]]:
         """(index, key, {ext: bytes}) per sample; a broken tar ends the shard, counted."""
         index, key, members = 0, None, {}
         try:
@@ -168,14 +183,7 @@ class VideoShards(IterableDataset):
         (None, 0) when the weight drops it, undecoded. Raises Skip on bad data."""
         if not all(members.values()):
             raise Skip("empty_member", str([e for e, d in members.items() if not d]))
-        meta: Any = {}
-        if "json" in members:
-            try:
-                meta = json.loads(members["json"])
-            except (UnicodeDecodeError, json.JSONDecodeError) as err:
-                raise Skip("bad_json", str(err)) from err
-            if not isinstance(meta, dict):
-                raise Skip("bad_json", f"expected an object, got {type(meta).__name__}")
+        meta = read_meta(members)
         caption = members["txt"].decode("utf-8", "replace") if "txt" in members \
             else meta.get("caption")
         if not isinstance(caption, str) or not caption.strip():
@@ -214,7 +222,7 @@ class VideoShards(IterableDataset):
             return {**batch, "_worker": worker, "_state": state}
 
         def emit(bucket: Bucket) -> dict[str, Any]:
-            batch = collate([s for _, s in buckets.pop(bucket)])
+            batch = self.collate([s for _, s in buckets.pop(bucket)])
             return tagged({**batch, "bucket": [bucket.frames, bucket.height, bucket.width]})
 
         epoch = min([cursor, *replay])[0]
@@ -228,7 +236,7 @@ class VideoShards(IterableDataset):
                     continue  # consumed before the checkpoint: not even opened
                 # a shard re-read for its pending samples had its errors counted already
                 counter = skipped if (epoch, s + 1, 0, 0) > cursor else Counter()
-                for i, key, members in self._read(url, counter):
+                for i, key, members in self.read_shard(url, counter):
                     is_fresh = (epoch, s, i) >= cursor[:3]
                     if not is_fresh and (epoch, s, i) not in replay_samples:
                         continue
@@ -322,12 +330,6 @@ class MixedShards(IterableDataset):
                    "_state": {**states, "samples": dict(counts)}}
 
 
-def _one_thread_worker(worker_id: int) -> None:
-    # torch already runs each DataLoader worker on one thread; OpenCV would start one
-    # per core in every worker, oversubscribing the cores the workers share.
-    cv2.setNumThreads(1)
-
-
 class ShardBatches:
     """Iterates a VideoShards (or MixedShards) through DataLoader workers and tracks the
     state of the batches handed out (not of those prefetched), for checkpoints of this
@@ -347,8 +349,7 @@ class ShardBatches:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         self.dataset.resume = dict(self._states)
         loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
-                            prefetch_factor=self.prefetch_factor if self.num_workers else None,
-                            worker_init_fn=_one_thread_worker)
+                            prefetch_factor=self.prefetch_factor if self.num_workers else None)
         for batch in loader:
             self._states[batch.pop("_worker")] = batch.pop("_state")
             if batch:
@@ -423,13 +424,17 @@ class WebDatasetConfig:
     def grid(self) -> BucketGrid:
         return BucketGrid(self.sizes, self.durations, self.batch_sizes, self.image_batch_size)
 
+    def reader(self) -> type[VideoShards]:
+        """The dataset class that reads these shards (video shards here)."""
+        return VideoShards
+
 
 def build_shard_batches(cfg: WebDatasetConfig, dp_rank: int, dp_size: int,
                         epochs: int | None = None) -> ShardBatches:
     """This dp rank's training batches: `cfg.shards`, mixed with `cfg.image_shards` if set."""
-    dataset = VideoShards(cfg.shards, cfg.grid(), cfg.fps, cfg.seed, dp_rank, dp_size, epochs)
+    dataset = cfg.reader()(cfg.shards, cfg.grid(), cfg.fps, cfg.seed, dp_rank, dp_size, epochs)
     if cfg.image_shards is not None:
-        images = VideoShards(cfg.image_shards, cfg.grid(), cfg.fps, cfg.seed, dp_rank, dp_size,
+        images = cfg.reader()(cfg.image_shards, cfg.grid(), cfg.fps, cfg.seed, dp_rank, dp_size,
                              epochs, key="data.image_shards")
         readers = dp_size * max(1, cfg.num_workers)
         if len(images.urls) < readers:  # a worker without image shards would yield no image
@@ -445,6 +450,6 @@ def build_shard_batches(cfg: WebDatasetConfig, dp_rank: int, dp_size: int,
 def build_val_shard_batches(cfg: WebDatasetConfig) -> ShardBatches:
     """Every val shard, in a fixed order, each sample once (curation weights ignored), in
     this process: every rank runs the same batches, as sharded models need."""
-    dataset = VideoShards(cfg.val_shards, cfg.grid(), cfg.fps, cfg.seed, epochs=1,
+    dataset = cfg.reader()(cfg.val_shards, cfg.grid(), cfg.fps, cfg.seed, epochs=1,
                           weighted=False, key="data.val_shards")
     return ShardBatches(dataset, num_workers=0)

@@ -1,6 +1,7 @@
 """The trainable text-to-video model: text conditioner + DiT under one module.
 
-``forward(x_t (B, C, T, H, W), t (B,), captions [B]) -> velocity (B, C, T, H, W)``.
+``forward(x_t (B, C, T, H, W), t (B,), text) -> velocity (B, C, T, H, W)``, where text is
+B captions or their cached encodings {name: (states (B, L, E), mask (B, L))}.
 Sampling encodes the prompts once and calls ``dit`` directly.
 """
 
@@ -24,6 +25,7 @@ class TextToVideo(nn.Module):
         """Deterministic init from (seed, parameter name); works after ``to_empty``."""
         init_parameters(self, seed)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, captions: list[str]) -> torch.Tensor:
-        context, mask = self.text(captions)
+    def forward(self, x: torch.Tensor, t: torch.Tensor,
+                text: list[str] | dict[str, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        context, mask = self.text(text)
         return self.dit(x, t, context, mask)

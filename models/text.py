@@ -57,15 +57,16 @@ class ByteTextEncoder(nn.Module):
 
     ``trainable=False`` keeps it at its seeded random init, a fixed random-feature encoder
     that, like a frozen pretrained one, cannot collapse captions onto one context.
+    ``shard`` (frozen only) tells the parallel layer to FSDP-shard it or keep it whole.
     """
 
     def __init__(self, dim: int, depth: int, heads: int, ffn_dim: int, max_length: int,
-                 trainable: bool = True):
+                 trainable: bool = True, shard: bool = True):
         super().__init__()
         if dim % heads:
             raise ValueError(f"text encoder dim={dim} is not divisible by heads={heads}")
         self.dim = dim
-        self.trainable = trainable
+        self.trainable, self.shard = trainable, shard
         self.tokenizer = ByteTokenizer(max_length)
         self.embed = nn.Embedding(ByteTokenizer.vocab_size, dim)
         self.pos = nn.Parameter(torch.empty(max_length, dim))
@@ -85,7 +86,8 @@ class TextConditioner(nn.Module):
     """Several encoders -> one cross-attention context, in two steps so that the frozen
     encoders' outputs can be cached: ``encode`` runs the encoders, ``project`` maps each
     to the width and concatenates. ``forward(captions) = project(encode(captions))``:
-    captions (B strings) -> context (B, sum_i L_i, width), mask (B, sum_i L_i) bool.
+    captions (B strings) -> context (B, sum_i L_i, width), mask (B, sum_i L_i) bool;
+    ``forward(encoded)`` projects already-encoded (cached) text.
     """
 
     def __init__(self, encoders: dict[str, nn.Module], width: int):
@@ -126,5 +128,8 @@ class TextConditioner(nn.Module):
             masks.append(mask)
         return torch.cat(tokens, dim=1), torch.cat(masks, dim=1)
 
-    def forward(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.project(self.encode(captions))
+    def forward(self, text: list[str] | dict[str, tuple[torch.Tensor, torch.Tensor]]
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """captions, or their cached ``encode`` output -> context, mask. Cached encodings
+        go through this call too, so hooks on the module (FSDP's gathers) still run."""
+        return self.project(text if isinstance(text, dict) else self.encode(text))

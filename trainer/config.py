@@ -17,6 +17,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from data.latent_shards import LatentDataConfig
 from data.shards import WebDatasetConfig
 from models.dit import DiTConfig, patch_grid
 from models.pretrained_text import (
@@ -87,6 +88,7 @@ class ByteTextEncoderConfig:
     ffn_dim: int = 512
     max_length: int = 64
     trainable: bool = True
+    shard: bool = True  # when frozen: FSDP-sharded (true) or whole on every rank (false)
 
 
 @dataclass
@@ -275,6 +277,7 @@ def register_configs() -> None:
     cs.store(group="text/encoder", name="minilm_schema", node=MiniLMEncoderConfig)
     cs.store(group="data", name="synthetic_schema", node=SyntheticDataConfig)
     cs.store(group="data", name="webdataset_schema", node=WebDatasetConfig)
+    cs.store(group="data", name="latents_schema", node=LatentDataConfig)
     cs.store(group="parallel", name="parallel_schema", node=ParallelConfig)
     cs.store(group="recipe", name="recipe_schema", node=RecipeConfig)
     cs.store(group="recipe", name="tae_recipe_schema", node=TAERecipeConfig)

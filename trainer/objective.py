@@ -25,40 +25,77 @@ def drop_captions(captions: list[str], keep: torch.Tensor) -> list[str]:
     return [c if k else "" for c, k in zip(captions, keep.tolist(), strict=True)]
 
 
+Text = list[str] | dict[str, tuple[torch.Tensor, torch.Tensor]]  # captions or encodings
+
+
+def null_text_like(text: Text, null_text: dict | None) -> Text:
+    """The unconditional text for a batch: "" per caption, or the cached encoding of ""
+    ({name: (states (1, L, E), mask (1, L))}) repeated per row of encoded text."""
+    if isinstance(text, list):
+        return [""] * len(text)
+    if null_text is None:
+        raise ValueError("cached text encodings need the cache's null_text encoding")
+    rows = next(iter(text.values()))[0].shape[0]
+    return {name: (null_text[name][0].to(states).expand(rows, -1, -1),
+                   null_text[name][1].to(mask.device).expand(rows, -1))
+            for name, (states, mask) in text.items()}
+
+
+def drop_text(text: Text, keep: torch.Tensor, null_text: dict | None = None) -> Text:
+    """Captions, or cached encodings, with the rows where ``keep`` is False replaced by
+    the empty caption ("" or its cached encoding)."""
+    if isinstance(text, list):
+        return drop_captions(text, keep)
+    null = null_text_like(text, null_text)
+    keep = keep.to(next(iter(text.values()))[0].device)
+    return {name: (torch.where(keep[:, None, None], states, null[name][0]),
+                   torch.where(keep[:, None], mask, null[name][1]))
+            for name, (states, mask) in text.items()}
+
+
 def flow_matching_loss(model: TextToVideo, autoencoder: nn.Module, flow: FlowMatching,
                        video: torch.Tensor, captions: list[str], generator: torch.Generator,
                        caption_dropout: float = 0.0, rows: slice | None = None,
                        global_batch: int | None = None) -> torch.Tensor:
-    """video (B, 3, T, H, W) in [-1, 1] -> scalar MSE between predicted and target velocity.
+    """video (B, 3, T, H, W) in [-1, 1] -> ``latent_flow_loss`` of its latents."""
+    with torch.no_grad():
+        x1 = autoencoder.encode(video)
+    return latent_flow_loss(model, flow, x1, captions, generator, caption_dropout, rows,
+                            global_batch)
 
-    Under data parallelism ``video`` holds ``rows`` of a global batch of ``global_batch``:
+
+def latent_flow_loss(model: TextToVideo, flow: FlowMatching, x1: torch.Tensor, text: Text,
+                     generator: torch.Generator, caption_dropout: float = 0.0,
+                     rows: slice | None = None, global_batch: int | None = None,
+                     null_text: dict | None = None) -> torch.Tensor:
+    """x1 latents (B, C, T', H', W') and their captions or cached encodings (``null_text``:
+    the cached encoding of "", for caption dropout) -> scalar MSE between predicted and
+    target velocity.
+
+    Under data parallelism ``x1`` holds ``rows`` of a global batch of ``global_batch``:
     caption dropout, noise and t are drawn for the whole global batch and sliced, so the
     result does not depend on how the batch is split over ranks.
     """
-    with torch.no_grad():
-        x1 = autoencoder.encode(video)
     rows = rows or slice(0, x1.shape[0])
     total = global_batch or x1.shape[0]
-    captions = drop_captions(captions, caption_keep_mask(total, caption_dropout, generator)[rows])
+    text = drop_text(text, caption_keep_mask(total, caption_dropout, generator)[rows], null_text)
     x0 = torch.randn((total, *x1.shape[1:]), generator=generator)[rows].to(x1.device, x1.dtype)
     t = flow.sample_t(total, generator)[rows].to(x1.device)
-    velocity = model(flow.interpolate(x0, x1, t), t, captions)
+    velocity = model(flow.interpolate(x0, x1, t), t, text)
     return flow.loss(velocity, x0, x1)
 
 
 @torch.no_grad()
-def text_sensitivity(model: TextToVideo, autoencoder: nn.Module, flow: FlowMatching,
-                     video: torch.Tensor, captions: list[str],
-                     generator: torch.Generator) -> float:
-    """||v(x_t, caption) - v(x_t, "")|| / ||v(x_t, caption)|| at t = 0.5.
+def text_sensitivity(model: TextToVideo, flow: FlowMatching, x1: torch.Tensor, text: Text,
+                     generator: torch.Generator, null_text: dict | None = None) -> float:
+    """||v(x_t, text) - v(x_t, "")|| / ||v(x_t, text)|| at t = 0.5, for latents x1.
 
     Near 0 means the model ignores its text (e.g. a text pathway collapsed onto one
     context) even while the loss falls; classifier-free guidance then does nothing.
     """
-    x1 = autoencoder.encode(video)
     x0 = torch.randn(x1.shape, generator=generator).to(x1.device, x1.dtype)
     t = torch.full((x1.shape[0],), 0.5, device=x1.device)
     x_t = flow.interpolate(x0, x1, t)
-    conditional = model(x_t, t, captions)
-    unconditional = model(x_t, t, [""] * len(captions))
+    conditional = model(x_t, t, text)
+    unconditional = model(x_t, t, null_text_like(text, null_text))
     return ((conditional - unconditional).norm() / conditional.norm()).item()

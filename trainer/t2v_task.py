@@ -14,12 +14,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from data.latent_shards import LatentDataConfig, cache_dir, load_null_text
 from models.dit import patch_grid
 from parallel.mesh import ParallelContext
 from trainer.build import build_autoencoder, build_flow, build_model
 from trainer.config import TrainConfig, check_latent_fits
-from trainer.objective import flow_matching_loss, text_sensitivity
+from trainer.objective import Text, latent_flow_loss, text_sensitivity
 from trainer.precision import autocast
+from trainer.precompute import check_cache
 from trainer.sampling import generate, write_videos
 
 
@@ -29,6 +31,10 @@ class TextToVideoTask:
         self.autoencoder = build_autoencoder(cfg, ctx.device)
         self.latent_shape = check_latent_fits(cfg, self.autoencoder)
         self.flow = build_flow(cfg)
+        self.null_text = None  # the cached encoding of "", with data=latents
+        if isinstance(cfg.data, LatentDataConfig):
+            check_cache(cfg)
+            self.null_text = load_null_text(cache_dir(cfg.data))
 
     def build_model(self) -> nn.Module:
         return build_model(self.cfg, self.ctx)
@@ -41,16 +47,31 @@ class TextToVideoTask:
              rows: slice, global_batch: int, step: int
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """This rank's ``rows`` of the global batch -> (loss, no extra metrics)."""
-        video = batch["video"].to(self.ctx.device)
-        loss = flow_matching_loss(model, self.autoencoder, self.flow, video, batch["caption"],
-                                  generator, self.cfg.recipe.caption_dropout, rows,
-                                  global_batch)
+        x1, text = self.latents_and_text(batch)
+        loss = latent_flow_loss(model, self.flow, x1, text, generator,
+                                self.cfg.recipe.caption_dropout, rows, global_batch,
+                                self.null_text)
         return loss, {}
+
+    @torch.no_grad()
+    def latents_and_text(self, batch: dict[str, Any]) -> tuple[torch.Tensor, Text]:
+        """x1 (B, C, T', H', W') and the model's text input: a cached batch's latents and
+        encodings as they are, else the autoencoder's latents of the video and the
+        captions (encoded in the model's forward)."""
+        device = self.ctx.device
+        if "latent" in batch:
+            text = {name: (states.to(device), mask.to(device))
+                    for name, (states, mask) in batch["text"].items()}
+            return batch["latent"].to(device), text
+        return self.autoencoder.encode(batch["video"].to(device)), batch["caption"]
 
     def tokens(self, batch: dict[str, Any]) -> int:
         """Video tokens in this rank's batch (the DiT's patches of its latents)."""
-        batch_size, _, frames, height, width = batch["video"].shape
-        latent = self.autoencoder.latent_shape(frames, height, width)
+        if "latent" in batch:
+            batch_size, *latent = batch["latent"].shape
+        else:
+            batch_size, _, frames, height, width = batch["video"].shape
+            latent = self.autoencoder.latent_shape(frames, height, width)
         return batch_size * math.prod(patch_grid(self.cfg.model, latent))
 
     @torch.no_grad()
@@ -62,13 +83,13 @@ class TextToVideoTask:
         generator = torch.Generator().manual_seed(cfg.trainer.seed)
         losses, sensitivity = [], 0.0
         for index, batch in enumerate(islice(batches, cfg.trainer.val_batches)):
-            video = batch["video"].to(device)
             with autocast(cfg, device):
-                losses.append(flow_matching_loss(model, self.autoencoder, self.flow, video,
-                                                 batch["caption"], generator).item())
+                x1, text = self.latents_and_text(batch)
+                losses.append(latent_flow_loss(model, self.flow, x1, text, generator,
+                                               null_text=self.null_text).item())
                 if index == 0:
-                    sensitivity = text_sensitivity(model, self.autoencoder, self.flow, video,
-                                                   batch["caption"], generator)
+                    sensitivity = text_sensitivity(model, self.flow, x1, text, generator,
+                                                   self.null_text)
         return {"loss": sum(losses) / len(losses), "text_sensitivity": sensitivity}
 
     def show(self, step: int, run_dir: Path, model: nn.Module, monitor) -> None:

@@ -1,0 +1,143 @@
+"""Cached latents and text encodings (``data=latents``): shards written by
+``python -m trainer.precompute`` read as training batches, so the step runs no decoder,
+autoencoder or frozen text encoder (SPEC §6).
+
+Cache format, one shard per raw shard with the same file name and sample order:
+``KEY.safetensors`` holds ``latent`` (C, T', H', W') and, per text encoder ``NAME``,
+``text.NAME.states`` (L, E) and ``text.NAME.mask`` (L,) bool; ``KEY.json`` holds the raw
+sample's metadata with ``caption`` (as encoded: the FPS tag included), ``fps``,
+``bucket`` [T, H, W] (the pixel bucket the raw shards put the sample in), ``latent_shape``
+and ``weight``. The folder also holds ``null_text.safetensors`` (the encoders' output for
+the empty caption, for caption dropout) and ``cache.json`` (what wrote the cache).
+
+Order, rank/worker split, bucket grouping, weights and resume are VideoShards' own: only
+the per-sample load and the collation differ. A batch is {latent (B, C, T', H', W'),
+text {NAME: (states (B, L, E), mask (B, L))}, fps (B,), caption, key, bucket}.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load, load_file, save
+
+from data.buckets import Bucket
+from data.decode import Skip
+from data.shards import VideoShards, WebDatasetConfig, expand_shards, read_meta
+
+NULL_TEXT = "null_text.safetensors"
+MANIFEST = "cache.json"
+Encoded = dict[str, tuple[torch.Tensor, torch.Tensor]]  # name -> (states, mask)
+
+
+def text_tensors(text: Encoded) -> dict[str, torch.Tensor]:
+    """One sample's {name: (states (L, E), mask (L,))} -> flat safetensors names."""
+    tensors = {}
+    for name, (states, mask) in text.items():
+        tensors[f"text.{name}.states"] = states.contiguous()
+        tensors[f"text.{name}.mask"] = mask.contiguous()
+    return tensors
+
+
+def pack_sample(latent: torch.Tensor, text: Encoded) -> bytes:
+    """latent (C, T', H', W') and one sample's text encodings -> safetensors bytes."""
+    return save({"latent": latent.contiguous(), **text_tensors(text)})
+
+
+def unpack_text(tensors: dict[str, torch.Tensor]) -> Encoded:
+    """{"text.NAME.states": ..., "text.NAME.mask": ...} -> {NAME: (states, mask)}."""
+    names = [key[len("text."):-len(".states")] for key in tensors
+             if key.startswith("text.") and key.endswith(".states")]
+    return {name: (tensors[f"text.{name}.states"], tensors[f"text.{name}.mask"])
+            for name in sorted(names)}
+
+
+def collate_latents(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Samples of one bucket -> latent (B, C, T', H', W'), text {name: (states (B, L, E),
+    mask (B, L))}, fps (B,), caption, key."""
+    names = samples[0]["text"]
+    return {
+        "latent": torch.stack([s["latent"] for s in samples]),
+        "text": {name: (torch.stack([s["text"][name][0] for s in samples]),
+                        torch.stack([s["text"][name][1] for s in samples])) for name in names},
+        "fps": torch.tensor([float(s["fps"]) for s in samples]),
+        "caption": [s["caption"] for s in samples],
+        "key": [s["key"] for s in samples],
+    }
+
+
+class LatentShards(VideoShards):
+    """VideoShards over cache shards: batches of latents and text encodings."""
+
+    collate = staticmethod(collate_latents)
+
+    def load_sample(self, key: str, members: dict[str, bytes],
+                    epoch: int) -> tuple[dict[str, Any] | None, int]:
+        """(sample {latent, text, fps, caption, key, bucket}, copies this epoch); (None, 0)
+        when the weight drops it, unread. Raises Skip on bad data."""
+        meta = read_meta(members)
+        if "safetensors" not in members or not isinstance(meta.get("caption"), str):
+            raise Skip("not_a_cache_sample", f"members {sorted(members)}; write cache "
+                                             f"shards with python -m trainer.precompute")
+        copies = self.copies(key, meta, epoch)
+        if not copies:
+            return None, 0
+        try:
+            bucket = Bucket(*(int(n) for n in meta["bucket"]))
+            tensors = load(members["safetensors"])
+            latent, text = tensors["latent"], unpack_text(tensors)
+        except (KeyError, TypeError, ValueError, SafetensorError) as err:
+            raise Skip("bad_cache_sample", repr(err)) from err
+        if bucket not in self.grid.shapes():
+            raise Skip("bucket_not_in_grid", f"bucket {bucket} is not one of data.sizes x "
+                                             f"data.durations")
+        return {"latent": latent, "text": text, "fps": meta.get("fps", self.fps),
+                "caption": meta["caption"], "key": key, "bucket": bucket}, copies
+
+
+@dataclass
+class LatentDataConfig(WebDatasetConfig):
+    """``data=latents``: cache shards instead of raw ones. ``fps``, ``sizes`` and
+    ``durations`` must be the ones the cache was written with (checked against its
+    ``cache.json`` when training starts); batch sizes, workers and seed are free."""
+
+    shards: str = "cache/{000000..000009}.tar"
+
+    def reader(self) -> type[VideoShards]:
+        return LatentShards
+
+
+def cache_dir(cfg: LatentDataConfig) -> str:
+    """The folder of the cache: that of the first training shard."""
+    return os.path.dirname(expand_shards(cfg.shards)[0]) or "."
+
+
+def read_manifest(directory: str) -> dict[str, Any] | None:
+    """The cache's ``cache.json`` (what config wrote it), or None if there is none yet."""
+    path = os.path.join(directory, MANIFEST)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as file:
+        return json.load(file)
+
+
+def write_atomically(path: str, data: bytes) -> None:
+    """Write to ``path + ".tmp"`` and rename: a reader sees no file or the whole one."""
+    with open(path + ".tmp", "wb") as file:
+        file.write(data)
+    os.replace(path + ".tmp", path)
+
+
+def load_null_text(directory: str) -> Encoded:
+    """{name: (states (1, L, E), mask (1, L))}: the encoders' output for the empty caption."""
+    path = os.path.join(directory, NULL_TEXT)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is missing: trainer.precompute writes it next to the "
+                                f"cache shards; data.shards must name a complete cache")
+    return {name: (states[None], mask[None])
+            for name, (states, mask) in unpack_text(load_file(path)).items()}

@@ -1,0 +1,270 @@
+"""``python -m trainer.precompute output=cache/ [training overrides ...]``: encode raw video
+shards once into cached latents and text encodings (``data=latents``, SPEC §6).
+
+The overrides are those of the training run (``experiment=... data=webdataset
+data.shards=... autoencoder=... text=...``), composed from ``conf/train.yaml``, so the
+cache holds exactly what that run would compute in its step: the training decode (buckets,
+fps, resize/crop), the frozen autoencoder and the frozen text encoders with the weights of
+``trainer.seed`` (or their pretrained files), under ``trainer.precision``. Options of its
+own: ``output=`` (the cache folder, required) and ``batch=`` (samples encoded together,
+default 16).
+
+One cache shard per raw shard, same file name, same sample order; bad samples are skipped
+and counted. Under torchrun rank r of W takes raw shards r, r + W, ... A cache shard that
+exists is complete (``write_shard`` renames it into place), so a restart skips it.
+``cache.json`` records the config that wrote the cache: a restart with another one is
+refused, and training from the cache checks its config against it (``check_cache``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import get_class
+from omegaconf import OmegaConf
+from safetensors.torch import save
+from tqdm import tqdm
+
+from data.decode import Skip
+from data.latent_shards import (
+    MANIFEST,
+    NULL_TEXT,
+    LatentDataConfig,
+    cache_dir,
+    pack_sample,
+    read_manifest,
+    text_tensors,
+    write_atomically,
+)
+from data.shards import VideoShards, WebDatasetConfig, read_meta, write_shard
+from models.init import initial_value
+from models.text import TextConditioner
+from parallel.mesh import MeshDims, init_parallel, shutdown
+from trainer.build import build_autoencoder, build_meta_model
+from trainer.config import ConfigError, TrainConfig, check_latent_fits, to_train_config
+from trainer.precision import autocast
+
+log = logging.getLogger(__name__)
+USAGE = "python -m trainer.precompute output=DIR [batch=16] [training overrides ...]"
+
+
+def check_frozen_text(cfg: TrainConfig) -> None:
+    """Cached encodings are only valid for encoders that never change."""
+    for name, node in cfg.text.encoders.items():
+        if getattr(node, "trainable", False):
+            raise ConfigError(
+                f"text.encoders.{name}.trainable=true: a trainable encoder changes as the "
+                f"DiT trains, so its cached output would go stale; set "
+                f"text.encoders.{name}.trainable=false, or train from the raw shards "
+                f"(data=webdataset) to train it")
+
+
+def _plain(node: Any) -> Any:
+    """A config dataclass (or dict of them) as plain JSON values."""
+    return json.loads(json.dumps(OmegaConf.to_container(OmegaConf.structured(node),
+                                                        enum_to_str=True)))
+
+
+def manifest_of(cfg: TrainConfig) -> dict[str, Any]:
+    """Everything that decides the cached values, by the config key that sets it."""
+    autoencoder = _plain(cfg.autoencoder)
+    checkpoint = autoencoder.pop("checkpoint", None)
+    if checkpoint:  # the weights count, not where the file lies
+        with open(checkpoint, "rb") as file:
+            autoencoder["checkpoint_sha256"] = hashlib.file_digest(file, "sha256").hexdigest()
+    text = _plain(cfg.text)["encoders"]
+    # Only an encoder without pretrained weights takes its values from the seed.
+    seeded = any(not hasattr(get_class(node["_target_"]), "pretrained_tensor")
+                 for node in text.values())
+    return {"data.fps": cfg.data.fps, "data.sizes": [list(s) for s in cfg.data.sizes],
+            "data.durations": list(cfg.data.durations), "autoencoder": autoencoder,
+            "text.encoders": text, "trainer.seed": cfg.trainer.seed if seeded else None}
+
+
+def check_cache(cfg: TrainConfig) -> None:
+    """Training from a cache (``data=latents``): the config must be the one it was
+    written with, else the DiT would learn from encodings its own encoders do not give."""
+    check_frozen_text(cfg)
+    directory = cache_dir(cfg.data)
+    written = read_manifest(directory)
+    if written is None:
+        raise ConfigError(f"data.shards={cfg.data.shards!r} lies in {directory}, which has no "
+                          f"{MANIFEST}: it is not a cache written by trainer.precompute")
+    _compare(manifest_of(cfg), written, f"the cache in {directory}",
+             "train with those values, or precompute a new cache with this config")
+
+
+def _compare(current: dict, written: dict, what: str, fix: str) -> None:
+    for key, value in current.items():
+        if written.get(key) != value:
+            raise ConfigError(f"{key}={value} but {what} was written with {key}="
+                              f"{written.get(key)}; {fix}")
+
+
+@torch.no_grad()
+def build_frozen_text(cfg: TrainConfig, device: torch.device) -> TextConditioner:
+    """The text conditioner whose encoders hold exactly the training run's values: built on
+    meta like the training model, each encoder parameter filled with its initial value for
+    (``trainer.seed``, full parameter name) or read from its pretrained file. Only
+    ``encode`` may be called: the projections stay on meta."""
+    check_frozen_text(cfg)
+    model = build_meta_model(cfg)
+    encoders = model.text.encoders.to_empty(device=device)
+    for name, param in encoders.named_parameters(prefix="text.encoders"):
+        param.copy_(initial_value(model, name, param.shape, cfg.trainer.seed).to(param.dtype))
+    return model.text.eval()
+
+
+class Encoder:
+    """Raw samples -> cache samples with the frozen autoencoder and text encoders."""
+
+    def __init__(self, cfg: TrainConfig, device: torch.device):
+        self.cfg, self.device = cfg, device
+        self.autoencoder = build_autoencoder(cfg, device)
+        check_latent_fits(cfg, self.autoencoder)
+        self.text = build_frozen_text(cfg, device)
+
+    @torch.no_grad()
+    def text_of(self, captions: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        with autocast(self.cfg, self.device):
+            encoded = self.text.encode(captions)
+        return {name: (s.cpu(), m.cpu()) for name, (s, m) in encoded.items()}
+
+    @torch.no_grad()
+    def __call__(self, chunk: list[tuple[dict, dict]]) -> list[dict[str, Any]]:
+        """[(raw metadata, decoded sample)] -> [cache sample for write_shard], in order.
+        Samples of one bucket are encoded together (one shape, one batch)."""
+        if not chunk:
+            return []
+        text = self.text_of([sample["caption"] for _, sample in chunk])
+        latents: dict[int, torch.Tensor] = {}
+        by_bucket: dict[Any, list[int]] = {}
+        for index, (_, sample) in enumerate(chunk):
+            by_bucket.setdefault(sample["bucket"], []).append(index)
+        for indices in by_bucket.values():
+            video = torch.stack([chunk[i][1]["video"] for i in indices]).to(self.device)
+            with autocast(self.cfg, self.device):
+                encoded = self.autoencoder.encode(video).cpu()
+            latents.update(zip(indices, encoded, strict=True))
+        out = []
+        for index, (meta, sample) in enumerate(chunk):
+            bucket, latent = sample["bucket"], latents[index]
+            row = {name: (s[index], m[index]) for name, (s, m) in text.items()}
+            out.append({"__key__": sample["key"], "safetensors": pack_sample(latent, row),
+                        "json": {**meta, "caption": sample["caption"], "fps": sample["fps"],
+                                 "bucket": [bucket.frames, bucket.height, bucket.width],
+                                 "latent_shape": list(latent.shape),
+                                 "weight": meta.get("weight", 1.0)}})
+        return out
+
+
+def cache_samples(url: str, reader: VideoShards, encoder: Encoder, batch: int,
+                  counts: Counter) -> Iterator[dict[str, Any]]:
+    """The cache samples of raw shard ``url``, in its order; skips counted in ``counts``."""
+    chunk: list[tuple[dict, dict]] = []
+    for _, key, members in reader.read_shard(url, counts):
+        try:
+            sample, _ = reader.load_sample(key, members, epoch=0)
+            chunk.append((read_meta(members), sample))
+        except Skip as skip:
+            counts[skip.reason] += 1
+            log.warning("skipping sample %s of shard %s: %s", key, url, skip)
+        except Exception:  # a decoder failing in a way not foreseen
+            counts["decode_error"] += 1
+            log.exception("skipping sample %s of shard %s", key, url)
+        if len(chunk) == batch:
+            yield from encoder(chunk)
+            counts["samples_written"] += len(chunk)
+            chunk = []
+    yield from encoder(chunk)
+    counts["samples_written"] += len(chunk)
+
+
+def shard_name(url: str) -> str:
+    return url.rstrip("/").rsplit("/", 1)[-1]
+
+
+def precompute(cfg: TrainConfig, output: str, batch: int = 16) -> Counter:
+    """Write this rank's cache shards into ``output``; the summary over all ranks (on
+    every rank): samples and shards written, shards found done, skips by reason."""
+    if not isinstance(cfg.data, WebDatasetConfig) or isinstance(cfg.data, LatentDataConfig):
+        raise ConfigError("trainer.precompute encodes raw video shards: pick data=webdataset "
+                          "with data.shards naming them")
+    if batch < 1:
+        raise ConfigError(f"batch={batch} must be >= 1")
+    ctx = init_parallel(MeshDims(), torch.device(cfg.trainer.device).type)
+    try:
+        reader = VideoShards(cfg.data.shards, cfg.data.grid(), cfg.data.fps, cfg.data.seed,
+                             weighted=False)  # every sample once: weights apply in training
+        names = [shard_name(url) for url in reader.urls]
+        if len(set(names)) < len(names):
+            raise ConfigError(f"data.shards={cfg.data.shards!r} names two shards with one file "
+                              f"name; the cache keeps the names, so they would collide")
+        os.makedirs(output, exist_ok=True)
+        manifest = manifest_of(cfg)
+        written = read_manifest(output)
+        if written is not None:
+            _compare(manifest, written, f"output={output}", "use a new output folder")
+        encoder = Encoder(cfg, ctx.device)
+        if ctx.is_main:
+            null = {name: (s[0], m[0]) for name, (s, m) in encoder.text_of([""]).items()}
+            write_atomically(os.path.join(output, NULL_TEXT), save(text_tensors(null)))
+            write_atomically(os.path.join(output, MANIFEST),
+                             json.dumps(manifest, indent=1).encode())
+        counts: Counter = Counter()
+        mine = list(zip(reader.urls, names, strict=True))[ctx.rank::ctx.world_size]
+        bar = tqdm(mine, desc="precompute", unit="shard",
+                   disable=not (ctx.is_main and cfg.trainer.progress))
+        for url, name in bar:
+            path = os.path.join(output, name)
+            if os.path.exists(path):
+                counts["shards_done_before"] += 1
+                continue
+            write_shard(path, cache_samples(url, reader, encoder, batch, counts))
+            counts["shards_written"] += 1
+            bar.set_postfix(samples=counts["samples_written"])
+        return sum((Counter(c) for c in ctx.gather_objects(dict(counts))), Counter())
+    finally:
+        shutdown(ctx)
+
+
+def summary_table(counts: Counter) -> str:
+    order = ["shards_written", "shards_done_before", "samples_written"]
+    rows = [(k, counts[k]) for k in order] + sorted(
+        (f"skipped {k}", v) for k, v in counts.items() if k not in order)
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v:>8}" for k, v in rows)
+
+
+def main(argv: list[str]) -> None:
+    from trainer.config import register_configs
+    from trainer.run_config import CONF_DIR
+
+    options = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in argv
+               if a.split("=", 1)[0] in ("output", "batch")}
+    overrides = [a for a in argv if a.split("=", 1)[0] not in options]
+    if "output" not in options:
+        raise SystemExit(f"trainer.precompute: output= is required (usage: {USAGE})")
+    try:
+        register_configs()
+        with initialize_config_dir(version_base=None, config_dir=str(CONF_DIR)):
+            cfg = to_train_config(compose("train", overrides=overrides))
+        counts = precompute(cfg, options["output"], int(options.get("batch", 16)))
+    except ConfigError as error:
+        raise SystemExit(f"config error: {error}") from None
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(summary_table(counts), flush=True)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING)
+    main(sys.argv[1:])
