@@ -1,7 +1,8 @@
 """Training losses of the TAE (SPEC §3) and its optional patch discriminator.
 
-``tae_loss`` = L1 + kl_weight·KL + opl_weight·OPL
-               [+ λ·disc_weight·generator hinge + discriminator hinge, from ``disc_start``].
+``tae_loss`` = rec + kl_weight·KL + opl_weight·OPL
+               [+ λ·disc_weight·generator hinge + discriminator hinge, from ``disc_start``],
+rec = l1_weight·L1 + l2_weight·MSE (L1 alone by default), λ the adaptive weight on rec.
 
 The generator and discriminator terms share one backward and one optimizer: the generator
 term runs the discriminator with its parameters detached (so it only trains the
@@ -29,6 +30,10 @@ from models.init import init_parameters
 class TAELossConfig:
     """Weights of the TAE objective."""
 
+    l1_weight: float = 1.0
+    # MSE pulls to the mean where L1 pulls to the median: on frames that are mostly
+    # background, L1 alone keeps the background and blurs small coloured objects away
+    l2_weight: float = 0.0
     kl_weight: float = 1.0e-6
     opl: bool = True  # the outlier penalty can cost image quality, so it is a switch
     opl_weight: float = 1.0e5
@@ -38,9 +43,13 @@ class TAELossConfig:
     adaptive_weight_max: float = 1.0e4
 
     def __post_init__(self) -> None:
-        for name in ("kl_weight", "opl_weight", "opl_r", "disc_weight", "adaptive_weight_max"):
+        for name in ("l1_weight", "l2_weight", "kl_weight", "opl_weight", "opl_r",
+                     "disc_weight", "adaptive_weight_max"):
             if getattr(self, name) < 0:
                 raise ValueError(f"recipe.loss.{name}={getattr(self, name)} must be >= 0")
+        if self.l1_weight == self.l2_weight == 0:
+            raise ValueError("recipe.loss.l1_weight and recipe.loss.l2_weight are both 0: "
+                             "give the reconstruction a weight")
 
 
 def kl_loss(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -161,17 +170,19 @@ def tae_loss(video: torch.Tensor, reconstruction: torch.Tensor, mean: torch.Tens
     The reconstruction must be part of the autograd graph when the adversarial terms are on
     (``discriminator`` given and ``step >= cfg.disc_start``).
     """
-    l1 = (reconstruction - video).abs().mean()
+    error = reconstruction - video
+    l1, l2 = error.abs().mean(), error.square().mean()
+    rec = cfg.l1_weight * l1 + cfg.l2_weight * l2
     kl = kl_loss(mean, logvar)
-    total = l1 + cfg.kl_weight * kl
-    metrics = {"l1": l1, "kl": kl}
+    total = rec + cfg.kl_weight * kl
+    metrics = {"l1": l1, "l2": l2, "kl": kl}
     if cfg.opl:
         opl = outlier_penalty_loss(mean, cfg.opl_r)
         total = total + cfg.opl_weight * opl
         metrics["opl"] = opl
     if discriminator is not None and step >= cfg.disc_start:
         gen_adv = generator_adversarial_loss(discriminator(reconstruction, detach_params=True))
-        weight = adaptive_gan_weight(l1, gen_adv, reconstruction, cfg.adaptive_weight_max,
+        weight = adaptive_gan_weight(rec, gen_adv, reconstruction, cfg.adaptive_weight_max,
                                      sum_squares)
         # A host sync, once a step: a non-finite GAN gradient must stay out of the backward
         # graph entirely, since 0 x inf there is still NaN.

@@ -87,7 +87,7 @@ def test_tae_config_errors_name_the_fix(tmp_path):
     with pytest.raises(ConfigError, match="parallel.tp=2"):
         compose_train(SMALL + ["parallel.tp=2"])
     with pytest.raises(ConfigError, match="recipe=tae_adamw"):
-        compose_train(["experiment=tae_tiny", "recipe=flow_adamw"])
+        compose_train(["experiment=t2v_tiny", "task=tae", "autoencoder=tae_tiny"])
     with pytest.raises(ConfigError, match="autoencoder.checkpoint is not set"):
         compose_train(["experiment=t2v_tiny", "autoencoder=tae_tiny"])
     with pytest.raises(ConfigError, match="is not a file"):
