@@ -52,5 +52,7 @@ def test_each_rank_holds_and_fills_only_its_shards():
         # about a quarter of the weights: the time-modulation MLP (6·D² = 25M here), norms
         # and tables are replicated over tp and split over dp only
         assert result["local"] <= 0.28 * total
-        assert result["peak_growth"] < 0.5 * total * 4, result["peak_growth"] / 2**20
+        # shards (~0.28) + one full parameter being drawn + allocator slack: 0.47-0.50 of
+        # the fp32 model measured on a loaded 2-core machine; the whole model would be 1.0
+        assert result["peak_growth"] < 0.6 * total * 4, result["peak_growth"] / 2**20
         assert torch.equal(result["probe"], expected[:4, :4])
