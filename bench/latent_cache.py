@@ -30,9 +30,9 @@ if __package__ in (None, ""):  # run as a script: make the packages importable
 from hydra.utils import instantiate  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
+from bench._mesh import compose as compose_train  # noqa: E402
 from data.shards import write_shard  # noqa: E402
 from data.video import write_video  # noqa: E402
-from tests.conftest import compose_train  # noqa: E402
 from trainer.build import single_process  # noqa: E402
 from trainer.data import build_train_batches  # noqa: E402
 from trainer.ema import EMA  # noqa: E402

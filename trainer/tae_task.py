@@ -45,6 +45,7 @@ class AutoencoderTask:
             model = AutoencoderTraining(instantiate(self.cfg.autoencoder), discriminator)
         parallelize_autoencoder(model, self.ctx, DTYPES[self.cfg.parallel.param_dtype])
         materialise(model, self.ctx.device, self.cfg.trainer.seed)
+        self.latent_shape = model.autoencoder.latent_shape
         return model
 
     def describe(self) -> str:
@@ -82,11 +83,7 @@ class AutoencoderTask:
     def tokens(self, batch: dict[str, Any]) -> int:
         """Latent positions (T'·H'·W') in this rank's batch."""
         batch_size, _, frames, height, width = batch["video"].shape
-        ae = self.cfg.autoencoder
-        return batch_size * math.prod(
-            -(-n // c) for n, c in ((frames, ae.temporal_compression),
-                                    (height, ae.spatial_compression),
-                                    (width, ae.spatial_compression)))
+        return batch_size * math.prod(self.latent_shape(frames, height, width)[1:])
 
     @torch.no_grad()
     def reconstruct(self, model: nn.Module, video: torch.Tensor) -> torch.Tensor:
