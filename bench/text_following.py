@@ -1,27 +1,29 @@
-"""Does the trained embedded-default model follow the text? A colour-match table.
+"""Does the trained embedded-default model follow the text? All judges, per guidance scale.
 
     python bench/text_following.py checkpoint=runs/t2v_tiny [prompts=48 steps=25 ...]
 
 Samples the captions of held-out synthetic clips (the validation split, never trained
-on) and counts how often the dominant colour of the generated video is the colour the
-prompt names (``data.synthetic.dominant_colour``, a majority vote of clearly coloured
-pixels). Chance is 1/6. Also reports the unguided rate and the rate with an empty
-prompt, so the table shows what the text, not the prior, contributes.
+on) and counts how often each judge of ``data.judges`` (colour, shape, direction,
+speed) sees in the generated video what the prompt names. The empty-prompt row is the
+prior: how often the model draws the named attribute with no text at all; chance is one
+over the number of choices. ``sheet=path.png`` also writes the contact sheet of the
+first ``sheet_rows`` videos at the first guidance scale.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from omegaconf import MISSING, OmegaConf
 
-from data.synthetic import COLOURS, SyntheticVideos, colour_in_caption, dominant_colour
-from trainer.sampling import generate
+from data.contact_sheet import write_contact_sheet
+from data.judges import ATTRIBUTES, CHANCE, match_rates
+from trainer.text_following import held_out_prompts, sample_and_judge
 from trainer.trained import load_text_to_video
 
 
@@ -33,51 +35,44 @@ class Options:
     guidance_scales: list[float] = field(default_factory=lambda: [1.0, 5.0])
     batch: int = 8
     seed: int = 1234
-
-
-def held_out_prompts(run, count: int) -> list[str]:
-    data = run.cfg.data
-    val = SyntheticVideos(count, data.frames, data.height, data.width, data.fps, data.seed,
-                          split="val")
-    return [val.spec(i).caption for i in range(count)]
-
-
-def match_rate(run, prompts: list[str], opts: Options, scale: float,
-               named: list[str]) -> tuple[float, Counter]:
-    hits, per_colour = 0, Counter()
-    for start in range(0, len(prompts), opts.batch):
-        chunk = prompts[start: start + opts.batch]
-        videos = generate(run.model, run.task.autoencoder, chunk, run.task.latent_shape, opts.steps,
-                          scale, seed=opts.seed + start)
-        for video, colour in zip(videos, named[start: start + opts.batch], strict=True):
-            if dominant_colour(video) == colour:
-                hits += 1
-                per_colour[colour] += 1
-    return hits / len(prompts), per_colour
+    sheet: str | None = None
+    sheet_rows: int = 12
+    json_out: str | None = None  # also write the rows as JSON here
+    prior: bool = True  # also sample with the empty prompt
 
 
 def main(argv: list[str]) -> None:
     opts: Options = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Options),
                                                         OmegaConf.from_cli(argv)))
     run = load_text_to_video(Path(opts.checkpoint), torch.device("cpu"))
-    prompts = held_out_prompts(run, opts.prompts)
-    named = [colour_in_caption(p) for p in prompts]
+    prompts = held_out_prompts(run.cfg.data, opts.prompts)
     rows = []
     for scale in opts.guidance_scales:
         start = time.perf_counter()
-        rate, per_colour = match_rate(run, prompts, opts, scale, named)
-        rows.append((f"prompt, guidance {scale:g}", rate, per_colour, time.perf_counter() - start))
-    empty_rate, _ = match_rate(run, [""] * len(prompts), opts, 1.0, named)
-    counts = Counter(named)
+        videos, rates = sample_and_judge(run.model, run.task.autoencoder, prompts,
+                                         run.task.latent_shape, opts.steps, scale, opts.seed,
+                                         opts.batch)
+        rows.append((f"prompt, guidance {scale:g}", rates, time.perf_counter() - start))
+        if opts.sheet and scale == opts.guidance_scales[0]:
+            write_contact_sheet(opts.sheet, videos[: opts.sheet_rows],
+                                prompts[: opts.sheet_rows])
+    if opts.prior:  # videos drawn with no text, judged against the held-out prompts' words
+        empty, _ = sample_and_judge(run.model, run.task.autoencoder, [""] * len(prompts),
+                                    run.task.latent_shape, opts.steps, 1.0, opts.seed,
+                                    opts.batch)
+        rows.append(("empty prompt (prior)", match_rates(empty, prompts), None))
+    rows.append(("chance", CHANCE, None))
     print(f"\nText following of {run.run_dir} at step {run.step}: {opts.prompts} held-out "
-          f"prompts, {opts.steps} Euler steps, chance = {1 / len(COLOURS):.2f}\n")
-    print("| conditioning | colour match | " + " | ".join(COLOURS) + " | seconds |")
-    print("|---|---|" + "---|" * len(COLOURS) + "---|")
-    for name, rate, per_colour, seconds in rows:
-        cells = " | ".join(f"{per_colour[c]}/{counts[c]}" for c in COLOURS)
-        print(f"| {name} | {rate:.1%} | {cells} | {seconds:.1f} |")
-    print(f"| empty prompt (prior) | {empty_rate:.1%} | " + " | ".join("-" for _ in COLOURS)
-          + " | - |")
+          f"prompts, {opts.steps} Euler steps\n")
+    print("| conditioning | " + " | ".join(ATTRIBUTES) + " | seconds |")
+    print("|---|" + "---:|" * (len(ATTRIBUTES) + 1))
+    for name, rates, seconds in rows:
+        cells = " | ".join(f"{rates[a]:.1%}" for a in ATTRIBUTES)
+        print(f"| {name} | {cells} | {'-' if seconds is None else f'{seconds:.1f}'} |")
+    if opts.json_out:
+        Path(opts.json_out).write_text(json.dumps(
+            {"run": str(run.run_dir), "step": run.step, "steps": opts.steps,
+             "rows": [{"conditioning": n, **r} for n, r, _ in rows]}, indent=1))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """A deterministic synthetic text-video set: one coloured shape moving on black.
 
 Captions name colour, shape, direction and speed ("a red square moving left slowly"),
-so a tiny DiT trained on CPU can learn to follow at least the colour of a prompt;
-`dominant_colour` is the measure that checks it does.
+so a tiny DiT trained on CPU can learn to follow a prompt; ``data.judges`` measures
+how well it does.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import operator
 import random
-import re
 from dataclasses import dataclass
 
 import torch
@@ -40,11 +39,6 @@ SPEEDS: dict[str, float] = {"slowly": 1 / 48, "quickly": 2 / 48}
 SHAPE_FRACTION = 0.3
 SPLITS = ("train", "val")
 
-# dominant_colour's idea of "clearly not background", in [0, 1] units: bright enough
-# and coloured enough. The chroma test keeps grey haze out of the vote; grey sits
-# nearer the secondary colours and would bias it.
-MIN_VALUE = 0.5
-MIN_CHROMA = 0.25
 
 
 @dataclass(frozen=True)
@@ -186,35 +180,3 @@ def _start_range(extent: int, size: float, shift: float) -> tuple[float, float]:
     shifted copy both stay inside [0, extent]."""
     half = size / 2
     return half + max(0.0, -shift), extent - half - max(0.0, shift)
-
-
-def dominant_colour(video: torch.Tensor) -> str:
-    """Name of the COLOURS entry most pixels of `video` are nearest to, or "none".
-
-    `video` is float (3, T, H, W) in [-1, 1]. Only pixels that are clearly not
-    background vote (max channel >= MIN_VALUE and max - min >= MIN_CHROMA, in [0, 1]
-    units); a majority vote shrugs off codec-blurred edges that a mean would absorb.
-    """
-    if video.ndim != 4 or video.shape[0] != 3:
-        raise ValueError(f"expected a (3, T, H, W) video, got shape {tuple(video.shape)}")
-    pixels = ((video.detach().float().reshape(3, -1).T + 1) / 2).clamp(0, 1)
-    top, bottom = pixels.max(dim=1).values, pixels.min(dim=1).values
-    pixels = pixels[(top >= MIN_VALUE) & (top - bottom >= MIN_CHROMA)]
-    if len(pixels) == 0:
-        return "none"
-    names = tuple(COLOURS)
-    palette = torch.tensor([COLOURS[n] for n in names], dtype=torch.float32) / 255
-    nearest = torch.cdist(pixels, palette).argmin(dim=1)
-    return names[torch.bincount(nearest, minlength=len(names)).argmax().item()]
-
-
-def colour_in_caption(caption: str) -> str | None:
-    """The COLOURS name `caption` mentions as a whole word, or None if it names none.
-
-    A caption naming two different colours raises ValueError: no single colour to check.
-    """
-    words = set(re.findall(r"[a-z]+", caption.lower()))
-    found = [name for name in COLOURS if name in words]
-    if len(found) > 1:
-        raise ValueError(f"caption {caption!r} names several colours: {found}")
-    return found[0] if found else None

@@ -1,4 +1,4 @@
-"""The synthetic text-video set: determinism, geometry, captions and dominant_colour."""
+"""The synthetic text-video set: determinism, geometry and captions."""
 
 import pytest
 import torch
@@ -11,10 +11,7 @@ from data.synthetic import (
     SPEEDS,
     ClipSpec,
     SyntheticVideos,
-    colour_in_caption,
-    dominant_colour,
 )
-from data.video import read_video, uint8_to_video, video_to_uint8, write_video
 
 ARGS = dict(num_samples=200, frames=8, height=32, width=48, fps=8.0, seed=0)
 
@@ -80,7 +77,6 @@ def test_caption_names_the_spec():
         spec, words = ds.spec(i), ds[i]["caption"].split()
         for word in (spec.colour, spec.shape, spec.direction, spec.speed):
             assert word in words
-        assert colour_in_caption(ds[i]["caption"]) == spec.colour
     assert (
         ClipSpec("red", "square", "left", "slowly", 5, 5).caption
         == "a red square moving left slowly"
@@ -146,45 +142,3 @@ def test_impossible_geometry_raises():
 def test_bad_spec_raises():
     with pytest.raises(ValueError, match="'purple'"):
         ClipSpec("purple", "square", "left", "slowly", 5, 5)
-
-
-def test_dominant_colour_on_renders():
-    ds = make(num_samples=100)
-    for i in range(100):
-        item = ds[i]
-        assert dominant_colour(item["video"]) == colour_in_caption(item["caption"])
-
-
-def test_dominant_colour_after_mp4_round_trip(tmp_path):
-    ds = make(num_samples=12)
-    for i in range(12):
-        item = ds[i]
-        path = tmp_path / f"{i}.mp4"
-        write_video(path, video_to_uint8(item["video"]), fps=item["fps"])
-        decoded = uint8_to_video(read_video(path)[0])
-        assert dominant_colour(decoded) == ds.spec(i).colour
-
-
-def test_dominant_colour_background_and_haze():
-    black = torch.full((3, 2, 8, 8), -1.0)
-    assert dominant_colour(black) == "none"
-    grey = torch.full((3, 2, 8, 8), 0.3)  # bright but colourless: no vote
-    assert dominant_colour(grey) == "none"
-    video = grey.clone()
-    video[:, :, :2, :2] = torch.tensor([30, 30, 230]).view(3, 1, 1, 1) / 127.5 - 1
-    assert dominant_colour(video) == "blue"
-
-
-def test_dominant_colour_majority_beats_outliers():
-    video = torch.full((3, 1, 10, 10), -1.0)
-    video[:, :, :6] = torch.tensor([230, 230, 30]).view(3, 1, 1, 1) / 127.5 - 1
-    video[:, :, 6:] = torch.tensor([230, 30, 30]).view(3, 1, 1, 1) / 127.5 - 1
-    assert dominant_colour(video) == "yellow"
-
-
-def test_colour_in_caption():
-    assert colour_in_caption("A Cyan circle moving up quickly") == "cyan"
-    assert colour_in_caption("a reddish blob") is None
-    assert colour_in_caption("") is None
-    with pytest.raises(ValueError, match="several"):
-        colour_in_caption("a red and blue square")
