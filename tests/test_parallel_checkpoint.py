@@ -1,5 +1,6 @@
 """DCP checkpoints reshard: what one mesh saves, another loads bit for bit (model,
-optimizer moments, EMA), and a model trained on a mesh exports to one safetensors file."""
+optimizer moments, EMA), and a model trained on a mesh exports to one safetensors file;
+checkpoints of any mesh average (``trainer.average``) like one process's."""
 
 from __future__ import annotations
 
@@ -73,9 +74,35 @@ def assert_equal_snapshots(a: dict, b: dict, where: str) -> None:
 
 
 def test_save_at_tp2_cp2_load_at_dp2_and_one_process(tmp_path):
-    saved = run_distributed(train_and_save, 4, ["parallel.tp=2", "parallel.cp=2"], tmp_path)
+    checkpoints = tmp_path / "tp2cp2" / "checkpoints"
+    saved = run_distributed(train_and_save, 4, ["parallel.tp=2", "parallel.cp=2"], checkpoints)
     for other in saved[1:]:
         assert_equal_snapshots(saved[0], other, "ranks agree")
-    for rank, loaded in enumerate(run_distributed(load, 2, ["parallel.dp_shard=2"], tmp_path)):
+    for rank, loaded in enumerate(run_distributed(load, 2, ["parallel.dp_shard=2"],
+                                                  checkpoints)):
         assert_equal_snapshots(loaded, saved[0], f"dp2 rank {rank}")
-    assert_equal_snapshots(load([], tmp_path), saved[0], "one process")
+    assert_equal_snapshots(load([], checkpoints), saved[0], "one process")
+
+    # trainer.average reads any mesh's checkpoint tensor by tensor: the tp2×cp2 and a dp2
+    # checkpoint average exactly like two of one process's, and to the snapshots' mean
+    run_distributed(train_and_save, 2, ["parallel.dp_shard=2"], tmp_path / "dp2" / "checkpoints")
+    train_and_save([], tmp_path / "one" / "checkpoints")
+    for ema, kind in ((True, "ema"), (False, "weights")):
+        mesh, one = (average_of(tmp_path, runs, ema) for runs in (("tp2cp2", "dp2"),
+                                                                  ("one", "one")))
+        assert mesh.keys() == saved[0]["weights"].keys()
+        for name, value in mesh.items():
+            assert torch.equal(value, one[name]), f"{kind} {name}"
+            expected = saved[0][kind].get(name, saved[0]["weights"][name])
+            torch.testing.assert_close(value, expected, rtol=1e-6, atol=1e-9)
+
+
+def average_of(root, runs, ema):
+    from safetensors.torch import load_file
+
+    from trainer.average import AverageConfig, average
+
+    output = root / f"{'_'.join(runs)}_{ema}.safetensors"
+    average(AverageConfig(checkpoints=[str(root / run) for run in runs], weights=[1, 3],
+                          output=str(output), ema=ema))
+    return load_file(output)

@@ -209,17 +209,31 @@ class TrainerConfig:
     sample_steps: int = 25
     guidance_scale: float = 7.5
     sample_prompts: list[str] = field(default_factory=list)
+    # At each validation, sample this many held-out synthetic captions with judge_steps
+    # Euler steps and report how often the judges see what they name (0: off).
+    judge_prompts: int = 0
+    judge_steps: int = 10
     ckpt_every: int = 100
     keep_last: int = 3
     max_nonfinite_steps: int = 5
     progress: bool = True
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    # A fresh run starts from these weights (a run dir, one of its checkpoints/step_N or a
+    # safetensors file) with a new optimizer at step 0; a run with a checkpoint of its own
+    # resumes from it instead. init_ema: the source's EMA (true) or training weights.
+    # init_allow_missing: fnmatch patterns of tensors that may be missing on either side
+    # (a missing one keeps its fresh init).
+    init_from: str | None = None
+    init_ema: bool = True
+    init_allow_missing: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "log_every", "val_every", "sample_every", "ckpt_every",
-                     "keep_last", "max_nonfinite_steps", "sample_steps"):
+                     "keep_last", "max_nonfinite_steps", "sample_steps", "judge_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"trainer.{name}={getattr(self, name)} must be >= 1")
+        if self.judge_prompts < 0:
+            raise ConfigError(f"trainer.judge_prompts={self.judge_prompts} must be >= 0")
 
 
 @dataclass
@@ -237,6 +251,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.task is Task.t2v and isinstance(self.autoencoder, TAEConfig):
             check_autoencoder_checkpoint(self.autoencoder.checkpoint)
+        if self.trainer.judge_prompts and (
+                self.task is not Task.t2v or not isinstance(self.data, SyntheticDataConfig)):
+            raise ConfigError(f"trainer.judge_prompts={self.trainer.judge_prompts} judges "
+                              f"samples of the synthetic set's held-out captions: it needs "
+                              f"task=t2v and data=synthetic; set trainer.judge_prompts=0")
         if self.task is not Task.tae:
             return
         if not isinstance(self.autoencoder, TAEConfig):

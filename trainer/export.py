@@ -3,7 +3,9 @@
 Consolidates a run's newest intact checkpoint (or a given ``.../checkpoints/step_N``),
 whatever mesh wrote its shards, into one safetensors file of full weights: EMA weights by
 default (the ones sampled), the training weights with ``ema=false``. The file's metadata
-names the run, the step and which weights these are.
+names the run, the step and which weights these are, and carries the run's config, so
+``trainer.sample checkpoint=<file>`` and ``trainer.average`` can use the file alone; a
+file is also a valid ``trainer.init_from``.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from trainer.trained import load_run
 
 @dataclass
 class ExportConfig:
-    checkpoint: str = MISSING   # a run directory, or one of its checkpoints/step_N
+    checkpoint: str = MISSING   # a run dir, one of its checkpoints/step_N, or a safetensors
+    #                             file carrying its run's config
     output: str = MISSING       # the .safetensors file to write
     ema: bool = True
 
@@ -35,7 +38,7 @@ def export(opts: ExportConfig) -> Path:
                run.model.state_dict().items()}
     save_file(tensors, str(output), metadata={
         "run_dir": str(run.run_dir), "step": str(run.step),
-        "weights": "ema" if opts.ema else "train"})
+        "weights": "ema" if opts.ema else "train", **run.metadata})
     return output
 
 

@@ -8,6 +8,7 @@ change the model being loaded.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -20,17 +21,35 @@ from trainer.config import TrainConfig, register_configs, to_train_config
 CONF_DIR = Path(conf.__file__).resolve().parent
 
 
+# Keys of a weights file's safetensors metadata that carry the run's config (JSON list of
+# the command-line overrides; the saved config.yaml as text), so the file alone rebuilds
+# the model (``trainer.sample checkpoint=model.safetensors``).
+OVERRIDES_KEY, CONFIG_KEY = "hydra_overrides", "hydra_config"
+
+
 def load_run_config(run_dir: Path) -> TrainConfig:
+    return config_from_metadata(run_config_metadata(run_dir))
+
+
+def run_config_metadata(run_dir: Path) -> dict[str, str]:
+    """The run's overrides and saved config as strings for a file's metadata."""
     hydra_dir = Path(run_dir) / ".hydra"
     if not (hydra_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"{run_dir} is not a run directory: {hydra_dir}/config.yaml "
                                 f"is missing (pass checkpoint=runs/<run_name>)")
-    overrides = [o for o in OmegaConf.load(hydra_dir / "overrides.yaml")
-                 if not o.startswith("hydra.")]
+    overrides = OmegaConf.to_container(OmegaConf.load(hydra_dir / "overrides.yaml"))
+    return {OVERRIDES_KEY: json.dumps(overrides),
+            CONFIG_KEY: (hydra_dir / "config.yaml").read_text()}
+
+
+def config_from_metadata(metadata: dict[str, str]) -> TrainConfig:
+    """Compose the saved overrides against today's ``conf/``, then lay the saved values
+    over them (``run_config_metadata``'s strings)."""
+    overrides = [o for o in json.loads(metadata[OVERRIDES_KEY]) if not o.startswith("hydra.")]
     register_configs()
     with initialize_config_dir(version_base=None, config_dir=str(CONF_DIR)):
         composed = compose("train", overrides=overrides)
-    return to_train_config(OmegaConf.merge(composed, OmegaConf.load(hydra_dir / "config.yaml")))
+    return to_train_config(OmegaConf.merge(composed, OmegaConf.create(metadata[CONFIG_KEY])))
 
 
 def parse_cli_options(schema: type, argv: list[str], command: str, usage: str):

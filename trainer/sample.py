@@ -22,9 +22,10 @@ from trainer.trained import load_text_to_video
 
 @dataclass
 class SampleConfig:
-    checkpoint: str = MISSING        # a run directory, or one of its checkpoints/step_N
+    checkpoint: str = MISSING        # a run dir, one of its checkpoints/step_N, or a
+    #                                  safetensors file of trainer.export/trainer.average
     prompt: str = MISSING
-    output_dir: str | None = None    # default: <run dir>/samples/cli
+    output_dir: str | None = None    # default: <run dir>/samples/cli (or beside the file)
     steps: int = 50
     guidance_scale: float = 7.5
     seed: int = 0

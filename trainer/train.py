@@ -37,6 +37,7 @@ from trainer.config import (
 )
 from trainer.data import build_datasets, build_train_batches, build_val_batches
 from trainer.ema import EMA
+from trainer.init_from import initialise_from
 from trainer.metrics import Monitor
 from trainer.optim import build_optimizer
 from trainer.precision import autocast
@@ -140,10 +141,10 @@ def save_checkpoint(directory: Path, engine, ema: EMA, state: dict) -> None:
         save_deepspeed_state(directory, engine, ema.state_dict(), state)
 
 
-def restore(checkpointer: Checkpointer, engine, ema: EMA, stateful: dict) -> int:
-    """Load the newest intact checkpoint; the step to continue from. Native checkpoints
-    load at any mesh, DeepSpeed ones at the ZeRO stage and dp size that wrote them."""
-    path = checkpointer.latest()
+def restore(path: Path | None, engine, ema: EMA, stateful: dict) -> int:
+    """Load the newest intact checkpoint ``path`` (None: a fresh run); the step to continue
+    from. Native checkpoints load at any mesh, DeepSpeed ones at the ZeRO stage and dp size
+    that wrote them."""
     if path is None:
         return 0
     if isinstance(engine, NativeEngine):
@@ -168,15 +169,18 @@ def train(cfg: TrainConfig, run_dir: Path, config_dict: dict) -> None:
     torch.manual_seed(cfg.trainer.seed)
     task = build_task(cfg, ctx)
     model = task.build_model()
+    checkpointer = Checkpointer(run_dir / "checkpoints", cfg.trainer.keep_last)
+    resume_from = checkpointer.latest()
+    # before the engine (DeepSpeed partitions the weights it is given) and the EMA
+    initialise_from(cfg, model, resume_from, ctx.is_main)
     engine = build_engine(cfg, model, ctx)
     ema = EMA(engine.ema_tensors(), cfg.recipe.ema_decay,
               getattr(engine, "release_params", None))
     batches = build_train_batches(cfg, build_datasets(cfg.data)[0], ctx)
     val_batches = build_val_batches(cfg)
     guard = NonFiniteGuard(cfg.trainer.max_nonfinite_steps)
-    checkpointer = Checkpointer(run_dir / "checkpoints", cfg.trainer.keep_last)
     stateful = {"scheduler": engine.scheduler, "data": batches, "guard": guard}
-    step = restore(checkpointer, engine, ema, stateful)
+    step = restore(resume_from, engine, ema, stateful)
     monitor = Monitor(cfg, run_dir, config_dict, step, enabled=ctx.is_main)
     trainable = sum(getattr(p, "ds_numel", p.numel()) for p in engine.params)
     monitor.write(f"{trainable:,} trainable parameters; {task.describe()}; mesh {ctx.dims}; "

@@ -1,18 +1,26 @@
-"""Load a trained run's weights into one process, whatever mesh or engine trained it."""
+"""Load a trained run's weights into one process, whatever mesh or engine trained it, or
+from a safetensors file that carries its run's config (``trainer.export``,
+``trainer.average``)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from parallel.checkpoint import Checkpointer, load_deepspeed_weights, load_training_state
+from parallel.weights import SafetensorsWeights, load_weights, plan_load
 from trainer.build import single_process
 from trainer.config import TrainConfig
 from trainer.ema import EMA
-from trainer.run_config import load_run_config
+from trainer.run_config import (
+    CONFIG_KEY,
+    OVERRIDES_KEY,
+    config_from_metadata,
+    run_config_metadata,
+)
 from trainer.t2v_task import TextToVideoTask
 from trainer.tasks import build_task
 
@@ -24,18 +32,22 @@ class TrainedRun:
     step: int
     task: object      # the run's task, built for one process
     model: nn.Module  # the trained module, in eval mode
+    # what a file of these weights carries: the run's config as safetensors metadata
+    # strings (``run_config_metadata``); loaded from a file, all of that file's metadata
+    metadata: dict[str, str] = field(default_factory=dict)
 
 
-def locate_checkpoint(checkpoint: Path) -> tuple[Path, Path]:
-    """(run dir, intact checkpoint dir) from a run dir or one of its ``checkpoints/step_N``."""
+def locate_checkpoint(checkpoint: Path, key: str = "checkpoint") -> tuple[Path, Path]:
+    """(run dir, intact checkpoint dir) from a run dir or one of its ``checkpoints/step_N``;
+    ``key`` names the option in errors."""
     if checkpoint.name.startswith("step_") and checkpoint.parent.name == "checkpoints":
         problem = Checkpointer.verify(checkpoint)
         if problem:
-            raise ValueError(f"checkpoint={checkpoint} is damaged: {problem}")
+            raise ValueError(f"{key}={checkpoint} is damaged: {problem}")
         return checkpoint.parent.parent, checkpoint
     found = Checkpointer(checkpoint / "checkpoints", keep_last=0).latest()
     if found is None:
-        raise FileNotFoundError(f"checkpoint={checkpoint} has no intact checkpoint under "
+        raise FileNotFoundError(f"{key}={checkpoint} has no intact checkpoint under "
                                 f"{checkpoint / 'checkpoints'}")
     return checkpoint, found
 
@@ -46,13 +58,15 @@ def load_run(checkpoint: Path, device: torch.device, ema: bool = True,
     """Rebuild a run's model from its saved config and load its weights (EMA by default).
 
     frames/height/width (synthetic data only) change the shape the task is set up for,
-    e.g. to sample longer videos than the run trained on.
+    e.g. to sample longer videos than the run trained on. ``checkpoint`` may also be a
+    safetensors file with its run's config in its metadata; it holds one set of weights
+    (its metadata's ``weights`` says which), so ``ema`` does not apply to it.
     """
+    if Path(checkpoint).is_file():
+        return _load_file(Path(checkpoint), device, frames, height, width)
     run_dir, step_dir = locate_checkpoint(Path(checkpoint))
-    cfg = load_run_config(run_dir)
-    for name, value in (("frames", frames), ("height", height), ("width", width)):
-        if value is not None:
-            setattr(cfg.data, name, value)
+    metadata = run_config_metadata(run_dir)
+    cfg = _with_shape(config_from_metadata(metadata), frames, height, width)
     task = build_task(cfg, single_process(device))
     model = task.build_model()
     averaged = EMA({n: p for n, p in model.named_parameters() if p.requires_grad},
@@ -63,7 +77,33 @@ def load_run(checkpoint: Path, device: torch.device, ema: bool = True,
         state = load_training_state(step_dir, model, None, averaged.state_dict())
     if ema:
         averaged.swap()
-    return TrainedRun(cfg, run_dir, state["step"], task, model.eval())
+    return TrainedRun(cfg, run_dir, state["step"], task, model.eval(), metadata)
+
+
+def _with_shape(cfg: TrainConfig, frames, height, width) -> TrainConfig:
+    for name, value in (("frames", frames), ("height", height), ("width", width)):
+        if value is not None:
+            setattr(cfg.data, name, value)
+    return cfg
+
+
+def _load_file(path: Path, device: torch.device, frames, height, width) -> TrainedRun:
+    """A safetensors file's weights into the model its metadata's config describes."""
+    source = SafetensorsWeights(path)
+    if CONFIG_KEY not in source.metadata or OVERRIDES_KEY not in source.metadata:
+        raise ValueError(f"checkpoint={path} carries no run config in its metadata (written "
+                         f"by an older trainer.export?); pass the run directory, or export "
+                         f"it again")
+    cfg = _with_shape(config_from_metadata(source.metadata), frames, height, width)
+    task = build_task(cfg, single_process(device))
+    model = task.build_model()
+    plan = plan_load(model, source.specs, grow=False)
+    if problems := plan.problems(str(path)):
+        raise ValueError(f"checkpoint={path} does not fit the model of the config in its "
+                         f"metadata: {'; '.join(problems)}")
+    load_weights(model, source.read, plan, cfg.trainer.seed)
+    return TrainedRun(cfg, path.parent, int(source.metadata.get("step", 0)), task,
+                      model.eval(), source.metadata)
 
 
 def load_text_to_video(checkpoint: Path, device: torch.device, ema: bool = True,
