@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from models.rope import apply_rotary
+
 AttentionFn = Callable[
     [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
@@ -50,10 +52,14 @@ class Attention(nn.Module):
 
 
 class SelfAttention(Attention):
-    """Bidirectional self-attention: (B, L, D), optional key mask (B, 1, 1, L) -> (B, L, D)."""
+    """Bidirectional self-attention: (B, L, D), optional key mask (B, 1, 1, L) and rotary
+    tables (cos, sin), each (L, head_dim / 2) -> (B, L, D)."""
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         q, k, v = (self.split_heads(w(x)) for w in (self.wq, self.wk, self.wv))
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         return self.merge_heads(self.attention_fn(q, k, v, mask))
 
 

@@ -4,7 +4,8 @@ A Llama-style non-causal block: RMSNorm -> self-attention -> cross-attention to 
 RMSNorm -> SwiGLU, no biases. Time enters through adaLN-zero in PixArt-alpha's shared
 form (one time MLP for the whole stack plus a learnable per-block table), which keeps the
 48/6144/16384/48 configuration at ~29B parameters as the paper counts it. Learnable
-factorised T/H/W position tables are added to the input of every block.
+factorised T/H/W position tables are added to the input of every block; ``rope=true`` also
+rotates self-attention's queries and keys by their T/H/W indices (3D RoPE).
 
 Shapes: latent x (B, C, T, H, W), t (B,) in [0, 1] (0 = noise, 1 = data),
 context (B, Lc, D) already projected to the model width, context_mask (B, Lc) bool.
@@ -21,6 +22,9 @@ from torch import nn
 
 from models.attention import CrossAttention, SelfAttention, SwiGLU
 from models.init import init_parameters
+from models.rope import RotaryEmbedding3D
+
+POSITION_INITS = ("sincos", "normal")
 
 
 @dataclass
@@ -40,6 +44,16 @@ class DiTConfig:
     max_patches_w: int = 48
     time_freq_dim: int = 256
     norm_eps: float = 1e-6
+    # How the T/H/W tables start: "normal" (random, std 0.02) or "sincos" (each axis owns
+    # a third of the channels with sines and cosines of its index, so their sum is a 3D
+    # sinusoidal embedding and neighbouring patches start out similar). On the synthetic
+    # set sincos tables, added before every block, held the loss on a plateau for the
+    # first 200 steps, so random is the default; RoPE is what gives attention geometry.
+    position_init: str = "normal"
+    # Also rotate self-attention queries and keys by their T/H/W indices (3D RoPE), so
+    # attention scores depend on relative position; the tables stay.
+    rope: bool = False
+    rope_theta: float = 10000.0
 
     def __post_init__(self) -> None:
         for name in ("width", "depth", "heads", "ffn_dim", "in_channels", "patch_t", "patch_h",
@@ -52,6 +66,12 @@ class DiTConfig:
                              f"model.heads={self.heads}; pick heads that divide the width")
         if self.time_freq_dim % 2:
             raise ValueError(f"model.time_freq_dim={self.time_freq_dim} must be even")
+        if self.rope and ((self.width // self.heads) % 2 or self.width // self.heads < 6):
+            raise ValueError(f"model.rope=true needs an even head dimension >= 6, but "
+                             f"model.width / model.heads = {self.width // self.heads}")
+        if self.position_init not in POSITION_INITS:
+            raise ValueError(f"model.position_init={self.position_init!r} is not one of "
+                             f"{POSITION_INITS}")
 
     @property
     def patch_volume(self) -> int:
@@ -105,14 +125,41 @@ class TimeEmbedding(nn.Module):
         return self.fc2(nn.functional.silu(self.fc1(features)))
 
 
+def sincos_table(length: int, width: int, axis: int) -> torch.Tensor:
+    """(length, width) table of axis ``axis`` (0, 1, 2 = T, H, W) of a 3D sinusoidal
+    embedding: the axis's third of the channels holds sin/cos of index * frequency, the
+    frequencies spaced geometrically from pi/length (a half cycle over the table) to pi/2
+    (period 4 patches); the other channels are 0. Summing the three tables gives each
+    patch a distinct code whose similarity falls off with distance along every axis."""
+    pairs = width // 6
+    table = torch.zeros(length, width)
+    if pairs == 0:
+        return table
+    freqs = torch.logspace(math.log10(math.pi / max(length, 2)), math.log10(math.pi / 2),
+                           pairs, dtype=torch.float64)
+    angles = torch.arange(length, dtype=torch.float64)[:, None] * freqs[None]
+    start = axis * 2 * pairs
+    table[:, start: start + pairs] = torch.sin(angles).float()
+    table[:, start + pairs: start + 2 * pairs] = torch.cos(angles).float()
+    return table
+
+
 class PositionEmbedding(nn.Module):
     """Learnable factorised T/H/W tables: grid (Tp, Hp, Wp) -> (Tp*Hp*Wp, D), t-major."""
 
     def __init__(self, cfg: DiTConfig):
         super().__init__()
+        self.init = cfg.position_init
         self.t = nn.Parameter(torch.empty(cfg.max_patches_t, cfg.width))
         self.h = nn.Parameter(torch.empty(cfg.max_patches_h, cfg.width))
         self.w = nn.Parameter(torch.empty(cfg.max_patches_w, cfg.width))
+
+    def initial_value(self, name: str, shape: torch.Size) -> torch.Tensor | None:
+        """The structured start of table ``name`` ("t", "h", "w"), or None for the
+        default random init (``models.init``)."""
+        if self.init != "sincos":
+            return None
+        return sincos_table(shape[0], shape[1], "thw".index(name))
 
     def forward(self, grid: tuple[int, int, int]) -> torch.Tensor:
         tp, hp, wp = grid
@@ -141,10 +188,12 @@ class DiTBlock(nn.Module):
         modulation: torch.Tensor,
         context: torch.Tensor,
         context_mask: torch.Tensor | None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = (
             self.modulation[None] + modulation).unbind(1)
-        x = x + gate_a[:, None] * self.attn(modulate(self.attn_norm(x), shift_a, scale_a))
+        x = x + gate_a[:, None] * self.attn(modulate(self.attn_norm(x), shift_a, scale_a),
+                                            rope=rope)
         x = x + self.cross_attn(self.cross_norm(x), context, context_mask)
         x = x + gate_f[:, None] * self.ffn(modulate(self.ffn_norm(x), shift_f, scale_f))
         return x
@@ -173,6 +222,7 @@ class DiT(nn.Module):
         d = cfg.width
         self.patch_embed = nn.Linear(cfg.patch_volume * cfg.in_channels, d, bias=False)
         self.pos_embed = PositionEmbedding(cfg)
+        self.rope = RotaryEmbedding3D(d // cfg.heads, cfg.rope_theta) if cfg.rope else None
         self.time_embed = TimeEmbedding(cfg.time_freq_dim, d)
         self.time_modulation = nn.Linear(d, 6 * d, bias=False)
         self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
@@ -208,8 +258,9 @@ class DiT(nn.Module):
         grid = patch_grid(self.cfg, tuple(x.shape[1:]))
         h = self.patch_embed(self.patchify(x))
         pos = self.pos_embed(grid)
+        rope = None if self.rope is None else self.rope(grid)
         c = self.time_embed(t)
         modulation = self.time_modulation(nn.functional.silu(c)).unflatten(1, (6, -1))
         for block in self.blocks:
-            h = block(h + pos, modulation, context, context_mask)
+            h = block(h + pos, modulation, context, context_mask, rope)
         return self.unpatchify(self.final(h, c), grid)

@@ -21,6 +21,26 @@ class FlowMatching:
     sigma_min: float = 1e-5
     t_mean: float = 0.0  # logit-normal location of the training t
     t_std: float = 1.0   # logit-normal scale
+    noise_offset: float = 0.0  # training noise only; see ``noise``
+
+    def noise(self, shape: tuple[int, ...], generator: torch.Generator | None = None
+              ) -> torch.Tensor:
+        """Training noise x0 of ``shape`` (B, C, ...): N(0, I), plus with ``noise_offset`` = o
+        the offset noise of quality tuning (arXiv 2309.15807): x0 = eps + o * delta, delta
+        one N(0, 1) per sample and channel, constant over the other dims.
+
+        The path and target keep their form in this x0: x_t = t x1 + (1 - (1 - sigma_min) t)
+        x0 and v = x1 - (1 - sigma_min) x0, so each sample's channel means start off by
+        o * delta and the velocity must remove them. White noise alone shifts a channel
+        mean by only ~1/sqrt(T H W), so without the offset the model barely learns to move
+        a sample's overall brightness or colour. Sampling still starts from N(0, I).
+        o = 0 draws exactly what plain training draws (eps only), so the run is unchanged.
+        """
+        x0 = torch.randn(shape, generator=generator)
+        if self.noise_offset:
+            delta = torch.randn((*shape[:2], *[1] * (len(shape) - 2)), generator=generator)
+            x0 = x0 + self.noise_offset * delta
+        return x0
 
     def sample_t(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Training times, logit-normal(t_mean, t_std): (batch,) in (0, 1)."""
@@ -33,6 +53,19 @@ class FlowMatching:
 
     def target(self, x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
         return x1 - (1 - self.sigma_min) * x0
+
+    def predicted_noise(self, x_t: torch.Tensor, velocity: torch.Tensor,
+                        t: torch.Tensor) -> torch.Tensor:
+        """The noise x̂0 a velocity implies at x_t. With c = 1 - sigma_min,
+        x_t = t·(v + c·x0) + (1 - c·t)·x0 = x0 + t·v exactly, so x̂0 = x_t - t·v̂."""
+        return x_t - _expand(t, velocity) * velocity
+
+    def predicted_data(self, x_t: torch.Tensor, velocity: torch.Tensor,
+                       t: torch.Tensor) -> torch.Tensor:
+        """The clean estimate x̂1 = v̂ + c·x̂0 = c·x_t + (1 - c·t)·v̂ (c = 1 - sigma_min);
+        x_t + (1 - t)·v̂ as sigma_min -> 0."""
+        c, t = 1 - self.sigma_min, _expand(t, velocity)
+        return c * x_t + (1 - c * t) * velocity
 
     def loss(self, velocity: torch.Tensor, x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
         """Mean squared error to the target velocity, a scalar in fp32."""

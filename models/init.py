@@ -7,6 +7,8 @@ at a time (never holding the whole model) and get exactly the single-process wei
 Rules by owning module: Linear weights truncated normal (std 0.02), norm weights 1 and
 biases 0, convolution weights normal with std 1/sqrt(fan_in) (a fixed 0.02 would shrink
 the signal through a deep conv stack), embeddings and bare tables normal (std 0.02).
+A module with an ``initial_value(name, shape)`` method gives its own parameters' start
+(a structured position table) unless it returns None.
 A module lists parameters that start at zero (adaLN-zero, the TAE's temporal residual
 convolutions and friends) in ``zero_init``: fnmatch patterns relative to it.
 """
@@ -56,6 +58,9 @@ def initial_value(model: nn.Module, name: str, shape: torch.Size, seed: int) -> 
         return pretrained.pretrained_tensor(relative, shape)
     module_path, _, attr = name.rpartition(".")
     owner = model.get_submodule(module_path)
+    structured = getattr(owner, "initial_value", None)
+    if structured is not None and (table := structured(attr, shape)) is not None:
+        return table
     value = torch.empty(shape)
     generator = parameter_generator(seed, name)
     if _starts_at_zero(model, name) or attr == "bias":

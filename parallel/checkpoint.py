@@ -71,6 +71,7 @@ class Checkpointer:
     def __init__(self, directory: Path, keep_last: int):
         self.directory = Path(directory)
         self.keep_last = keep_last
+        self.keep_steps: set[int] = set()  # never rotated out (e.g. the best validation's)
 
     def step_dirs(self) -> list[Path]:
         """Published checkpoint directories, newest first."""
@@ -106,7 +107,8 @@ class Checkpointer:
             os.replace(tmp, final)
             _fsync(self.directory)
             for old in self.step_dirs()[self.keep_last:]:
-                shutil.rmtree(old)
+                if int(old.name[5:]) not in self.keep_steps:
+                    shutil.rmtree(old)
         _barrier()
         return final
 

@@ -38,6 +38,14 @@ def apply_activation_checkpointing(dit: DiT, mode: str, every: int = 1) -> None:
             checkpoint(block)
 
 
+def checkpoint_modules(modules: list[nn.Module]) -> None:
+    """Recompute each module's activations in backward, keeping only its input (the frozen
+    decoder's blocks under the pixel-space loss). The modules have no randomness, so the
+    RNG state is not stashed."""
+    for module in modules:
+        checkpoint(module, preserve_rng_state=False)
+
+
 def compile_blocks(dit: DiT) -> None:
     """Compile every block separately: one graph per block type, shared by all of them."""
     for block in dit.blocks:
@@ -55,9 +63,10 @@ def _shard_local(shards: SequenceShards, x: torch.Tensor, dim: int) -> torch.Ten
 def apply_context_parallel(dit: DiT, ctx: ParallelContext, mode: str) -> None:
     """Each cp rank runs the blocks on its contiguous slice of the tokens.
 
-    The patch tokens and the position table are sliced (padded to a multiple of cp; the
-    padding is masked inside attention), self-attention goes through the chosen CP kernel,
-    and the final layer's output is gathered, so the loss sees every token on every rank.
+    The patch tokens, the position table and the rotary tables are sliced (padded to a
+    multiple of cp; the padding is masked inside attention), self-attention goes through
+    the chosen CP kernel, and the final layer's output is gathered, so the loss sees every
+    token on every rank.
     """
     shards = SequenceShards(ctx.group("cp"))
     attention = context_parallel_attention(mode, shards)
@@ -68,6 +77,9 @@ def apply_context_parallel(dit: DiT, ctx: ParallelContext, mode: str) -> None:
         lambda _, args: (_shard_local(shards, args[0], 1),), prepend=True)
     dit.pos_embed.register_forward_hook(
         lambda _, args, out: _shard_local(shards, out, 0), prepend=True)
+    if dit.rope is not None:  # the rotary tables (cos, sin) follow the tokens
+        dit.rope.register_forward_hook(
+            lambda _, args, out: tuple(shards.shard(table, 0) for table in out))
     dit.final.register_forward_hook(lambda _, args, out: shards.gather(out, 1))
 
 

@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -5,6 +7,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from models.costs import dit_forward_flops, dit_parameter_count
 from models.dit import DiT, DiTConfig
+from models.rope import RotaryEmbedding3D, apply_rotary, axis_dims
 from tests.conftest import compose_train
 
 TINY = DiTConfig(width=64, depth=3, heads=4, ffn_dim=128, in_channels=4,
@@ -134,3 +137,51 @@ def test_zero_init_parts_receive_gradient_at_init():
     (model(x, t, ctx, mask) - torch.randn_like(x)).square().mean().backward()
     assert model.final.proj.weight.grad.abs().sum() > 0
     assert model.final.modulation.grad is not None
+
+
+def test_rope_scores_depend_on_offsets_only():
+    """Rotated q.k of two tokens is a function of their (dt, dh, dw) offset: the same
+    vectors placed at two pairs of cells with one offset score alike, another offset
+    scores differently."""
+    rope = RotaryEmbedding3D(head_dim=12)
+    grid = (3, 4, 5)
+    cos, sin = rope(grid)
+    assert cos.shape == sin.shape == (60, 6)
+    q, k = torch.randn(12), torch.randn(12)
+
+    def score(a, b):  # a, b: (t, h, w) cells
+        index = [(t * grid[1] + h) * grid[2] + w for t, h, w in (a, b)]
+        rotated = apply_rotary(torch.stack([q, k])[None, None], cos[index], sin[index])[0, 0]
+        return rotated[0] @ rotated[1]
+
+    assert torch.allclose(score((0, 0, 0), (1, 2, 3)), score((1, 1, 1), (2, 3, 4)), atol=1e-5)
+    assert torch.allclose(score((2, 3, 4), (2, 3, 4)), q @ k, atol=1e-5)
+    assert not torch.allclose(score((0, 0, 0), (0, 0, 1)), score((0, 0, 0), (0, 1, 0)))
+    assert axis_dims(12) == (4, 4, 4) and axis_dims(32) == (12, 10, 10)
+
+
+def test_rope_is_a_switch():
+    """rope=false is the plain model; rope=true changes only self-attention's scores."""
+    plain = built()
+    with_rope = DiT(dataclasses.replace(TINY, rope=True))
+    with_rope.load_state_dict(plain.state_dict())
+    x, t, ctx, mask = inputs(2, 2, 4, 4)
+    assert not torch.allclose(plain(x, t, ctx, mask), with_rope(x, t, ctx, mask))
+    assert plain.rope is None and not list(with_rope.rope.parameters())
+
+
+def test_sincos_position_tables_know_neighbours():
+    """The structured start: each axis owns a third of the channels, and a patch's code is
+    more similar to its neighbour's than to a far patch's, along every axis."""
+    model = DiT(dataclasses.replace(TINY, position_init="sincos"))
+    model.init_weights()
+    third = TINY.width // 6 * 2
+    for axis, table in enumerate((model.pos_embed.t, model.pos_embed.h, model.pos_embed.w)):
+        owned = torch.zeros(TINY.width, dtype=torch.bool)
+        owned[axis * third: (axis + 1) * third] = True
+        assert torch.count_nonzero(table[:, ~owned]) == 0
+        unit = torch.nn.functional.normalize(table[:, owned], dim=1)
+        similarity = unit @ unit.T
+        assert similarity[0, 1] > similarity[0, 4] and similarity[3, 4] > similarity[3, 7]
+    with pytest.raises(ValueError, match="position_init"):
+        DiTConfig(position_init="learned")

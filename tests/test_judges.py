@@ -100,7 +100,7 @@ def test_contact_sheet_grid():
     sheet = contact_sheet(videos, ["a", "b", "c"], scale=2)
     assert sheet.size[::-1] == sheet_size(3, 5, 16, 24, 2)
     # the first frame of the second row lands where the layout says
-    pixels = torch.from_numpy(np.asarray(sheet))
+    pixels = torch.from_numpy(np.array(sheet))
     expected = video_to_uint8(videos[1])[0]
     top, left = sheet_size(1, 5, 16, 24, 2)[0], sheet_size(1, 0, 16, 24, 2)[1]
     assert torch.equal(pixels[top: top + 32: 2, left: left + 48: 2], expected)

@@ -8,7 +8,9 @@ import subprocess
 import time
 
 import pytest
+from PIL import Image
 
+from data.contact_sheet import sheet_size
 from data.video import read_video
 from tests.conftest import ROOT, python_cmd
 
@@ -47,7 +49,8 @@ def train_losses(run_dir):
 def test_train_lowers_loss_logs_wandb_and_samples(tmp_path):
     run_dir = tmp_path / "run"
     run(train_cmd(run_dir, "trainer.max_steps=30", "trainer.sample_every=30",
-                  "trainer.log_every=5", "trainer.keep_last=2",
+                  "trainer.log_every=5", "trainer.keep_last=2", "data.judge_prompts=3",
+                  "trainer.judge_steps=2",
                   "trainer.sample_prompts=[a red square moving left slowly,a blue circle]"))
     losses = train_losses(run_dir)
     assert sorted(losses) == list(range(1, 31))
@@ -61,6 +64,16 @@ def test_train_lowers_loss_logs_wandb_and_samples(tmp_path):
                                         "01_a_blue_circle.mp4"]
     frames, fps = read_video(videos[0])
     assert tuple(frames.shape) == (4, 16, 16, 3) and fps == 8.0
+    sheet = Image.open(run_dir / "samples" / "step_00000030" / "contact_sheet.png")
+    assert sheet.size[::-1] == sheet_size(2, 4, 16, 16, scale=3)
+    # validation judged samples of held-out captions: rates in [0, 1] at every validation
+    validations = [json.loads(line) for line in open(run_dir / "metrics.jsonl")
+                   if json.loads(line)["kind"] == "val"]
+    assert [v["step"] for v in validations] == [10, 20, 30]
+    for record in validations:
+        for key in ("colour_match", "shape_match", "direction_match", "speed_match",
+                    "colour_match_ema"):
+            assert 0.0 <= record[key] <= 1.0, record
 
     # wandb: an offline run whose history holds the exact logged losses and the videos
     records = glob.glob(str(run_dir / "wandb" / "offline-run-*" / "run-*.wandb"))
@@ -69,8 +82,11 @@ def test_train_lowers_loss_logs_wandb_and_samples(tmp_path):
     for step in (1, 5, 10, 30):
         assert repr(losses[step]).encode() in history
     assert b"val/loss" in history and b"perf/tokens_per_s" in history
-    assert glob.glob(str(run_dir / "wandb" / "offline-run-*" / "files" / "media" / "videos"
-                         / "*.mp4"))
+    assert b"val/shape_match" in history and b"contact_sheet" in history
+    media = run_dir / "wandb" / "offline-run-*" / "files" / "media"
+    assert glob.glob(str(media / "videos" / "*.mp4"))
+    logged_sheets = glob.glob(str(media / "images" / "contact_sheet*.png"))
+    assert len(logged_sheets) == 1 and Image.open(logged_sheets[0]).size == sheet.size
 
     out = tmp_path / "cli"
     result = run(python_cmd("trainer.sample", f"checkpoint={run_dir}",

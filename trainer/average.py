@@ -3,10 +3,11 @@
 
 The uniform or weighted mean of several runs' weights (a "model soup" of fine-tuned runs,
 arXiv:2203.05482), written as one safetensors file. Each entry of ``checkpoints`` is a run
-directory (its newest intact checkpoint), one of its ``checkpoints/step_N`` (written at
-any mesh) or a safetensors file (which holds one set of weights; ``ema`` picks between a
-checkpoint's EMA, the default, and training weights). DeepSpeed checkpoints are refused
-with the command that consolidates them into a file first.
+directory (its newest intact checkpoint, or an early-stopped run's best), one of its
+``checkpoints/step_N`` (written at any mesh) or a safetensors file (which holds one set
+of weights; ``ema`` picks between a checkpoint's EMA, the default, and training weights).
+DeepSpeed checkpoints are refused with the command that consolidates them into a file
+first.
 
 Streamed: every checkpoint is opened (names, shapes and dtypes only), checked to hold the
 same tensors, then for each tensor that tensor is read from each checkpoint in turn and

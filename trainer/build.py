@@ -89,4 +89,4 @@ def build_model(cfg: TrainConfig, ctx: ParallelContext) -> TextToVideo:
 
 def build_flow(cfg: TrainConfig) -> FlowMatching:
     recipe = cfg.recipe
-    return FlowMatching(recipe.sigma_min, recipe.t_mean, recipe.t_std)
+    return FlowMatching(recipe.sigma_min, recipe.t_mean, recipe.t_std, recipe.noise_offset)

@@ -43,6 +43,7 @@ class Precision(Enum):
 class LRSchedule(Enum):
     cosine = "cosine"
     constant = "constant"
+    plateau = "plateau"  # constant, cut by recipe.plateau.factor when validation stalls
 
 
 class WandbMode(Enum):
@@ -106,6 +107,15 @@ class SyntheticDataConfig:
     width: int = 32
     fps: float = 8.0
     seed: int = 0
+    # At each validation of a text-to-video run, sample the captions of this many held-out
+    # clips (trainer.judge_steps Euler steps) and log how often data.judges sees what they
+    # name: val/colour_match, val/shape_match, val/direction_match, val/speed_match.
+    judge_prompts: int = 0
+
+    def __post_init__(self) -> None:
+        if self.judge_prompts < 0:
+            raise ConfigError(f"data.judge_prompts={self.judge_prompts} must be >= 0 "
+                              f"(0 turns judging off)")
 
 
 @dataclass
@@ -140,6 +150,80 @@ class ParallelConfig:
                               f"both to 1")
 
 
+class PixelTarget(Enum):
+    noise = "noise"  # decode x_t and the latent rebuilt with the predicted noise (the paper's)
+    clean = "clean"  # decode x1 and the clean estimate x̂1 (blurry in arXiv 2409.17565)
+
+
+@dataclass
+class PixelLossConfig:
+    """Pixel-space post-training (arXiv 2409.17565): ``weight`` × mean ‖D(a) − D(b)‖² through
+    the frozen autoencoder's decoder D, added to the latent loss (0: off). ``frames``: decode
+    at most this many consecutive latent frames per sample (0: all); ``crop``: [height,
+    width] pixels of a random crop per sample (multiples of the spatial compression; []:
+    whole frames); both drawn from the step's generator. ``checkpointing`` recomputes the
+    decoder's blocks in backward; ``dtype`` is the decoder's weights and activations."""
+
+    weight: float = 0.0
+    target: PixelTarget = PixelTarget.noise
+    frames: int = 0
+    crop: list[int] = field(default_factory=list)
+    checkpointing: bool = False
+    dtype: Precision = Precision.fp32
+
+    def __post_init__(self) -> None:
+        self.crop = [int(n) for n in self.crop]  # Hydra passes a ListConfig
+        if not 0.0 <= self.weight < float("inf"):
+            raise ConfigError(f"recipe.pixel_loss.weight={self.weight} must be a finite "
+                              f"number >= 0 (8 for a DiT in arXiv 2409.17565; 0 turns it off)")
+        if self.frames < 0:
+            raise ConfigError(f"recipe.pixel_loss.frames={self.frames} must be >= 0 "
+                              f"(0 decodes every latent frame)")
+        if self.crop and (len(self.crop) != 2 or min(self.crop) < 1):
+            raise ConfigError(f"recipe.pixel_loss.crop={self.crop} must be [height, width] in "
+                              f"pixels, both >= 1, or [] for whole frames")
+
+
+@dataclass
+class PlateauConfig:
+    """recipe.schedule=plateau: after warm-up the LR is recipe.lr, multiplied by ``factor``
+    each time recipe.val_metric has not improved by more than ``threshold`` (relative) for
+    ``patience`` validations in a row, never below ``min_lr`` (Movie Gen halves 6e-5 down
+    to 1e-5 at 768 px, arXiv 2410.13720)."""
+
+    patience: int = 3
+    factor: float = 0.5
+    min_lr: float = 1e-5
+    threshold: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.patience < 1:
+            raise ConfigError(f"recipe.plateau.patience={self.patience} must be >= 1 "
+                              f"(validations without improvement before the LR is cut)")
+        if not 0.0 < self.factor < 1.0:
+            raise ConfigError(f"recipe.plateau.factor={self.factor} must lie in (0, 1), "
+                              f"e.g. 0.5 to halve")
+        if self.min_lr < 0 or self.threshold < 0:
+            raise ConfigError(f"recipe.plateau.min_lr={self.min_lr} and "
+                              f"recipe.plateau.threshold={self.threshold} must be >= 0")
+
+
+@dataclass
+class EarlyStopConfig:
+    """Stop the run once recipe.val_metric has not improved by more than ``min_delta``
+    (relative) for ``patience`` validations in a row (0: never); the best checkpoint is
+    kept and named in the run's best.json."""
+
+    patience: int = 0
+    min_delta: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.patience < 0 or self.min_delta < 0:
+            raise ConfigError(f"recipe.early_stop.patience={self.patience} and "
+                              f"recipe.early_stop.min_delta={self.min_delta} must be >= 0 "
+                              f"(patience 0 turns early stopping off)")
+
+
 @dataclass
 class RecipeConfig:
     batch_size: int = 16  # global: split over the data-parallel replicas
@@ -156,10 +240,31 @@ class RecipeConfig:
     sigma_min: float = 1e-5
     t_mean: float = 0.0
     t_std: float = 1.0
+    pixel_loss: PixelLossConfig = field(default_factory=PixelLossConfig)
+    # Offset noise (arXiv 2309.15807 quality tuning): x0 = eps + noise_offset * delta, delta
+    # one N(0, 1) per sample and channel (models/flow.py); 0 draws nothing extra.
+    noise_offset: float = 0.0
+    plateau: PlateauConfig = field(default_factory=PlateauConfig)
+    early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
+    # The validation metric (lower is better) that plateau and early_stop watch: loss (the
+    # training weights), loss_ema (the EMA weights, the ones sampled), l1 for task=tae, ...
+    val_metric: str = "loss"
+    # The recipe's hard cap on trainer.max_steps (quality tuning stops at <= 15K iterations
+    # in arXiv 2309.15807); null: none.
+    step_cap: int | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ConfigError(f"recipe.batch_size={self.batch_size} must be >= 1")
+        if not 0.0 <= self.noise_offset < float("inf"):
+            raise ConfigError(f"recipe.noise_offset={self.noise_offset} must be a finite number "
+                              f">= 0 (0.1 in arXiv 2309.15807; 0 turns it off)")
+        if self.step_cap is not None and self.step_cap < 1:
+            raise ConfigError(f"recipe.step_cap={self.step_cap} must be >= 1, or null for none")
+        if self.schedule is LRSchedule.plateau and self.plateau.min_lr > self.lr:
+            raise ConfigError(f"recipe.plateau.min_lr={self.plateau.min_lr} exceeds recipe.lr="
+                              f"{self.lr}: the plateau schedule only lowers the LR; set min_lr "
+                              f"<= lr")
         if self.lr <= 0:
             raise ConfigError(f"recipe.lr={self.lr} must be positive")
         if not 0.0 <= self.caption_dropout < 1.0:
@@ -209,9 +314,7 @@ class TrainerConfig:
     sample_steps: int = 25
     guidance_scale: float = 7.5
     sample_prompts: list[str] = field(default_factory=list)
-    # At each validation, sample this many held-out synthetic captions with judge_steps
-    # Euler steps and report how often the judges see what they name (0: off).
-    judge_prompts: int = 0
+    # Euler steps of the judged validation samples (data.judge_prompts, synthetic data)
     judge_steps: int = 10
     ckpt_every: int = 100
     keep_last: int = 3
@@ -232,8 +335,6 @@ class TrainerConfig:
                      "keep_last", "max_nonfinite_steps", "sample_steps", "judge_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"trainer.{name}={getattr(self, name)} must be >= 1")
-        if self.judge_prompts < 0:
-            raise ConfigError(f"trainer.judge_prompts={self.judge_prompts} must be >= 0")
 
 
 @dataclass
@@ -251,13 +352,17 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.task is Task.t2v and isinstance(self.autoencoder, TAEConfig):
             check_autoencoder_checkpoint(self.autoencoder.checkpoint)
-        if self.trainer.judge_prompts and (
-                self.task is not Task.t2v or not isinstance(self.data, SyntheticDataConfig)):
-            raise ConfigError(f"trainer.judge_prompts={self.trainer.judge_prompts} judges "
-                              f"samples of the synthetic set's held-out captions: it needs "
-                              f"task=t2v and data=synthetic; set trainer.judge_prompts=0")
+        cap = self.recipe.step_cap
+        if cap is not None and self.trainer.max_steps > cap:
+            raise ConfigError(f"trainer.max_steps={self.trainer.max_steps} exceeds the recipe's "
+                              f"hard cap recipe.step_cap={cap}; lower trainer.max_steps")
+        check_watchable(self.recipe, self.data)
         if self.task is not Task.tae:
             return
+        if self.recipe.pixel_loss.weight:
+            raise ConfigError(f"recipe.pixel_loss.weight={self.recipe.pixel_loss.weight} "
+                              f"post-trains a DiT through the frozen decoder: it needs task=t2v; "
+                              f"set it to 0 for task=tae")
         if not isinstance(self.autoencoder, TAEConfig):
             raise ConfigError("task=tae trains a temporal autoencoder, but the autoencoder "
                               "group is not one; pick autoencoder=tae_tiny (or another tae_*)")
@@ -268,6 +373,20 @@ class TrainConfig:
             raise ConfigError(f"task=tae trains data-parallel with FSDP2 only, but "
                               f"parallel.tp={par.tp}, parallel.cp={par.cp}, parallel.engine="
                               f"{par.engine.value}; set tp=1 cp=1 engine=fsdp2")
+
+
+def check_watchable(recipe: RecipeConfig, data: Any) -> None:
+    """The plateau schedule and early stopping watch the held-out loss: there must be one."""
+    users = [f"recipe.schedule={recipe.schedule.value}"] \
+        if recipe.schedule is LRSchedule.plateau else []
+    if recipe.early_stop.patience:
+        users.append(f"recipe.early_stop.patience={recipe.early_stop.patience}")
+    held_out = (data.val_shards is not None if isinstance(data, WebDatasetConfig)
+                else getattr(data, "val_samples", 0) > 0)
+    if users and not held_out:
+        raise ConfigError(f"{' and '.join(users)} watch the validation loss, but this run "
+                          f"has no held-out data: set data.val_shards (shards) or "
+                          f"data.val_samples > 0 (synthetic)")
 
 
 def check_autoencoder_checkpoint(checkpoint: str | None) -> None:

@@ -1,6 +1,7 @@
 """``python -m trainer.export checkpoint=<run dir> output=model.safetensors [ema=true]``
 
-Consolidates a run's newest intact checkpoint (or a given ``.../checkpoints/step_N``),
+Consolidates a run's newest intact checkpoint (an early-stopped run's best, see
+``trainer.early_stop``; or a given ``.../checkpoints/step_N``),
 whatever mesh wrote its shards, into one safetensors file of full weights: EMA weights by
 default (the ones sampled), the training weights with ``ema=false``. The file's metadata
 names the run, the step and which weights these are, and carries the run's config, so

@@ -1,9 +1,10 @@
 """``trainer.init_from``: start a fresh run (new optimizer, step 0) from another run's
 weights, at any mesh: a fine-tuning stage from a pre-training stage, 768 px from 256 px.
 
-The source is a run directory (its newest intact checkpoint), one of its
-``checkpoints/step_N`` (written at any mesh) or a safetensors file (``trainer.export``,
-``trainer.average``); ``trainer.init_ema`` picks a checkpoint's EMA or training weights.
+The source is a run directory (its newest intact checkpoint; with early stopping the best
+one, named in its best.json), one of its ``checkpoints/step_N`` (written at any mesh) or
+a safetensors file (``trainer.export``, ``trainer.average``); ``trainer.init_ema`` picks a
+checkpoint's EMA or training weights.
 Every rank reads full tensors one at a time and keeps its shards. Position tables may
 grow (more T/H/W patches): the trained rows are kept and the new rows take the new
 model's own initial values; any other shape difference stops the run at start, as does

@@ -94,6 +94,14 @@ class Monitor:
             self.log_wandb({key: [wandb.Video(str(p), caption=c, format="mp4")
                                         for p, c in zip(paths, prompts, strict=True)]}, step)
 
+    def log_image(self, path: str | Path, caption: str, step: int,
+                  key: str = "contact_sheet") -> None:
+        self.record(key, step, path=str(path))
+        if self.wandb_run is not None:
+            import wandb
+
+            self.log_wandb({key: wandb.Image(str(path), caption=caption)}, step)
+
     def write(self, message: str) -> None:
         """Print without breaking the progress bar."""
         if self.enabled:

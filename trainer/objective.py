@@ -6,6 +6,8 @@ step's loss is a pure function of (weights, batch, step): resuming reproduces it
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -67,10 +69,12 @@ def flow_matching_loss(model: TextToVideo, autoencoder: nn.Module, flow: FlowMat
 def latent_flow_loss(model: TextToVideo, flow: FlowMatching, x1: torch.Tensor, text: Text,
                      generator: torch.Generator, caption_dropout: float = 0.0,
                      rows: slice | None = None, global_batch: int | None = None,
-                     null_text: dict | None = None) -> torch.Tensor:
+                     null_text: dict | None = None,
+                     on_prediction: Callable[..., None] | None = None) -> torch.Tensor:
     """x1 latents (B, C, T', H', W') and their captions or cached encodings (``null_text``:
     the cached encoding of "", for caption dropout) -> scalar MSE between predicted and
-    target velocity.
+    target velocity. ``on_prediction(x0, x1, t, velocity)``, if given, sees this step's
+    draws and prediction (the pixel-space loss reuses them).
 
     Under data parallelism ``x1`` holds ``rows`` of a global batch of ``global_batch``:
     caption dropout, noise and t are drawn for the whole global batch and sliced, so the
@@ -79,9 +83,11 @@ def latent_flow_loss(model: TextToVideo, flow: FlowMatching, x1: torch.Tensor, t
     rows = rows or slice(0, x1.shape[0])
     total = global_batch or x1.shape[0]
     text = drop_text(text, caption_keep_mask(total, caption_dropout, generator)[rows], null_text)
-    x0 = torch.randn((total, *x1.shape[1:]), generator=generator)[rows].to(x1.device, x1.dtype)
+    x0 = flow.noise((total, *x1.shape[1:]), generator)[rows].to(x1.device, x1.dtype)
     t = flow.sample_t(total, generator)[rows].to(x1.device)
     velocity = model(flow.interpolate(x0, x1, t), t, text)
+    if on_prediction is not None:
+        on_prediction(x0, x1, t, velocity)
     return flow.loss(velocity, x0, x1)
 
 

@@ -1,4 +1,5 @@
-"""AdamW with linear warmup then cosine decay (or constant), stepped once per train step."""
+"""AdamW with linear warmup then cosine decay, constant, or constant cut on validation
+plateaus; the schedule is stepped once per train step."""
 
 from __future__ import annotations
 
@@ -6,25 +7,90 @@ import math
 
 import torch
 
-from trainer.config import LRSchedule, RecipeConfig
+from trainer.config import LRSchedule, PlateauConfig, RecipeConfig
+from trainer.early_stop import Improvement
 
 
 def lr_factor(step: int, warmup: int, max_steps: int, schedule: LRSchedule,
               min_ratio: float) -> float:
-    """Multiplier of the peak LR at ``step`` (0-based)."""
+    """Multiplier of the peak LR at ``step`` (0-based), before any plateau cut."""
     if step < warmup:
         return (step + 1) / warmup
-    if schedule is LRSchedule.constant:
+    if schedule is not LRSchedule.cosine:
         return 1.0
     progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+class PlateauCut:
+    """The plateau schedule's state: ``scale`` multiplies the LR; it is multiplied by
+    ``factor`` when the watched validation value has not improved for ``patience``
+    validations in a row, and never goes below ``min_scale`` (min_lr / lr)."""
+
+    def __init__(self, cfg: PlateauConfig, lr: float):
+        self.patience, self.factor = cfg.patience, cfg.factor
+        self.min_scale = cfg.min_lr / lr
+        self.watch = Improvement(cfg.threshold)
+        self.scale = 1.0
+
+    def observe(self, value: float) -> bool:
+        """One validation's value; True when it cut the LR."""
+        if self.watch.update(value) or self.watch.bad < self.patience:
+            return False
+        self.watch.bad = 0  # the next cut needs another `patience` bad validations
+        scale = max(self.scale * self.factor, self.min_scale)
+        cut, self.scale = scale < self.scale, scale
+        return cut
+
+    def state_dict(self) -> dict:
+        return {"scale": self.scale, **self.watch.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scale = state["scale"]
+        self.watch.load_state_dict(state)
+
+
+class Scheduler(torch.optim.lr_scheduler.LambdaLR):
+    """LambdaLR times the plateau scale (if any). ``observe`` feeds it a validation value;
+    a cut applies from the next step on. Its state is saved with the scheduler's, so a
+    resumed run cuts at the same validations."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, recipe: RecipeConfig, max_steps: int):
+        self.plateau = (PlateauCut(recipe.plateau, recipe.lr)
+                        if recipe.schedule is LRSchedule.plateau else None)
+        plateau = self.plateau
+        super().__init__(optimizer, lambda step: lr_factor(
+            step, recipe.warmup_steps, max_steps, recipe.schedule, recipe.min_lr_ratio)
+            * (plateau.scale if plateau else 1.0))
+
+    def observe(self, value: float) -> bool:
+        """A validation's value (the same on every rank); True when the LR was cut. The
+        LR of the step about to run (``last_epoch``) is rewritten at once."""
+        if self.plateau is None or not self.plateau.observe(value):
+            return False
+        self._last_lr = [base * fn(self.last_epoch)
+                         for base, fn in zip(self.base_lrs, self.lr_lambdas, strict=True)]
+        for group, lr in zip(self.optimizer.param_groups, self._last_lr, strict=True):
+            group["lr"] = lr
+        return True
+
+    def state_dict(self) -> dict:
+        state = {k: v for k, v in super().state_dict().items() if k != "plateau"}
+        if self.plateau is not None:
+            state["plateau"] = self.plateau.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        state = dict(state)
+        plateau = state.pop("plateau", None)
+        super().load_state_dict(state)
+        if self.plateau is not None and plateau is not None:
+            self.plateau.load_state_dict(plateau)
+        # a checkpoint without plateau state (another schedule before) starts at scale 1
+
+
 def build_optimizer(params, recipe: RecipeConfig, max_steps: int
-                    ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+                    ) -> tuple[torch.optim.AdamW, Scheduler]:
     optimizer = torch.optim.AdamW(params, lr=recipe.lr, betas=tuple(recipe.betas),
                                   eps=recipe.eps, weight_decay=recipe.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, recipe.warmup_steps, max_steps,
-                                          recipe.schedule, recipe.min_lr_ratio))
-    return optimizer, scheduler
+    return optimizer, Scheduler(optimizer, recipe, max_steps)

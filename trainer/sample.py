@@ -1,8 +1,9 @@
 """``python -m trainer.sample checkpoint=<run dir> prompt="a red square moving left"``
 
-Loads the newest intact checkpoint of a run (or a given ``.../checkpoints/step_N``), with
-EMA weights by default, samples with the linear-quadratic Euler schedule and classifier-
-free guidance, and writes mp4s, printing their paths. Options are ``key=value`` pairs,
+Loads the newest intact checkpoint of a run (an early-stopped run's best; or a given
+``.../checkpoints/step_N``), with EMA weights by default, samples with the
+linear-quadratic Euler schedule and classifier-free guidance, and writes mp4s, printing
+their paths. Options are ``key=value`` pairs,
 checked against ``SampleConfig``.
 """
 

@@ -14,15 +14,18 @@ from typing import Any
 import torch
 from torch import nn
 
+from data.contact_sheet import write_contact_sheet
 from data.latent_shards import LatentDataConfig, cache_dir, load_null_text
 from models.dit import patch_grid
 from parallel.mesh import ParallelContext
 from trainer.build import build_autoencoder, build_flow, build_model
-from trainer.config import TrainConfig, check_latent_fits
+from trainer.config import SyntheticDataConfig, TrainConfig, check_latent_fits
 from trainer.objective import Text, latent_flow_loss, text_sensitivity
+from trainer.pixel_loss import build_pixel_loss
 from trainer.precision import autocast
 from trainer.precompute import check_cache
 from trainer.sampling import generate, write_videos
+from trainer.text_following import held_out_prompts, sample_and_judge
 
 
 class TextToVideoTask:
@@ -31,6 +34,7 @@ class TextToVideoTask:
         self.autoencoder = build_autoencoder(cfg, ctx.device)
         self.latent_shape = check_latent_fits(cfg, self.autoencoder)
         self.flow = build_flow(cfg)
+        self.pixel_loss = build_pixel_loss(cfg, self.autoencoder, self.flow)  # None: off
         self.null_text = None  # the cached encoding of "", with data=latents
         if isinstance(cfg.data, LatentDataConfig):
             check_cache(cfg)
@@ -46,12 +50,17 @@ class TextToVideoTask:
     def loss(self, model: nn.Module, batch: dict[str, Any], generator: torch.Generator,
              rows: slice, global_batch: int, step: int
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """This rank's ``rows`` of the global batch -> (loss, no extra metrics)."""
+        """This rank's ``rows`` of the global batch -> (loss, no extra metrics; with
+        ``recipe.pixel_loss`` the latent and pixel terms)."""
         x1, text = self.latents_and_text(batch)
+        drawn = []  # this step's (x0, x1, t, velocity), for the pixel-space loss
+        keep = (lambda *prediction: drawn.append(prediction)) if self.pixel_loss else None
         loss = latent_flow_loss(model, self.flow, x1, text, generator,
                                 self.cfg.recipe.caption_dropout, rows, global_batch,
-                                self.null_text)
-        return loss, {}
+                                self.null_text, on_prediction=keep)
+        if self.pixel_loss is None:
+            return loss, {}
+        return self.pixel_loss.add(loss, drawn[0], generator, rows, global_batch)
 
     @torch.no_grad()
     def latents_and_text(self, batch: dict[str, Any]) -> tuple[torch.Tensor, Text]:
@@ -77,8 +86,10 @@ class TextToVideoTask:
     @torch.no_grad()
     def validate(self, model: nn.Module, batches: Iterable[dict[str, Any]]) -> dict[str, float]:
         """Mean loss over the first ``val_batches`` held-out batches with fixed noise and t,
-        and the text sensitivity of the first batch. Every rank runs the same full batches
-        (sharded models need all ranks in the forward) and gets the same numbers."""
+        the text sensitivity of the first batch and, with ``data.judge_prompts``, the
+        judges' match rates on samples of held-out captions (``colour_match``, ...). Every
+        rank runs the same full batches and samples (sharded models need all ranks in the
+        forward) and gets the same numbers."""
         cfg, device = self.cfg, self.ctx.device
         generator = torch.Generator().manual_seed(cfg.trainer.seed)
         losses, sensitivity = [], 0.0
@@ -90,11 +101,19 @@ class TextToVideoTask:
                 if index == 0:
                     sensitivity = text_sensitivity(model, self.flow, x1, text, generator,
                                                    self.null_text)
-        return {"loss": sum(losses) / len(losses), "text_sensitivity": sensitivity}
+        metrics = {"loss": sum(losses) / len(losses), "text_sensitivity": sensitivity}
+        if isinstance(cfg.data, SyntheticDataConfig) and cfg.data.judge_prompts:
+            prompts = held_out_prompts(cfg.data, cfg.data.judge_prompts)
+            with autocast(cfg, device):
+                _, rates = sample_and_judge(model, self.autoencoder, prompts, self.latent_shape,
+                                            cfg.trainer.judge_steps, cfg.trainer.guidance_scale,
+                                            seed=cfg.trainer.seed)
+            metrics |= {f"{attribute}_match": rate for attribute, rate in rates.items()}
+        return metrics
 
     def show(self, step: int, run_dir: Path, model: nn.Module, monitor) -> None:
         """Sample the configured prompts: every rank samples (the model may be sharded),
-        rank 0 writes and logs the videos."""
+        rank 0 writes and logs the videos and their contact sheet."""
         prompts = list(self.cfg.trainer.sample_prompts)
         if not prompts:
             return
@@ -102,6 +121,8 @@ class TextToVideoTask:
         videos = generate(model, self.autoencoder, prompts, self.latent_shape,
                           trainer.sample_steps, trainer.guidance_scale, seed=trainer.seed)
         if monitor.enabled:
-            paths = write_videos(videos, prompts, run_dir / "samples" / f"step_{step:08d}",
-                                 self.cfg.data.fps)
+            directory = run_dir / "samples" / f"step_{step:08d}"
+            paths = write_videos(videos, prompts, directory, self.cfg.data.fps)
             monitor.log_videos(paths, prompts, step)
+            sheet = write_contact_sheet(directory / "contact_sheet.png", videos, prompts)
+            monitor.log_image(sheet, f"step {step}: one row per prompt", step)

@@ -36,6 +36,7 @@ from trainer.config import (
     to_train_config,
 )
 from trainer.data import build_datasets, build_train_batches, build_val_batches
+from trainer.early_stop import EarlyStopping, on_validation
 from trainer.ema import EMA
 from trainer.init_from import initialise_from
 from trainer.metrics import Monitor
@@ -104,14 +105,16 @@ def train_step(cfg, step, batch, engine, task, ema, guard, ctx) -> dict[str, flo
             **{name: ctx.mean_over_dp(value) for name, value in extras.items()}}
 
 
-def log_validation(task, step, model, ema, val_batches, monitor) -> None:
-    """Validate with the training weights and with the EMA weights (the ones shown)."""
+def log_validation(task, step, model, ema, val_batches, monitor) -> dict[str, float]:
+    """Validate with the training weights and with the EMA weights (the ones shown); the
+    metrics, the EMA's with an ``_ema`` suffix."""
     val = task.validate(model, val_batches())
     with ema.swapped_in():
         ema_val = task.validate(model, val_batches())
     val |= {f"{k}_ema": v for k, v in ema_val.items()}
     monitor.record("val", step, **val)
     monitor.log_wandb({f"val/{k}": v for k, v in val.items()}, step)
+    return val
 
 
 def trainer_state(step, stateful) -> dict:
@@ -152,6 +155,8 @@ def restore(path: Path | None, engine, ema: EMA, stateful: dict) -> int:
     else:
         state = load_deepspeed_state(path, engine, ema.state_dict())
     for name, obj in stateful.items():
+        if name == "early_stop" and name not in state:
+            continue  # early stopping turned on at this resume: it starts watching now
         obj.load_state_dict(state[name])
     torch.set_rng_state(state["rng"]["torch"])
     random.setstate(state["rng"]["python"])
@@ -180,13 +185,19 @@ def train(cfg: TrainConfig, run_dir: Path, config_dict: dict) -> None:
     val_batches = build_val_batches(cfg)
     guard = NonFiniteGuard(cfg.trainer.max_nonfinite_steps)
     stateful = {"scheduler": engine.scheduler, "data": batches, "guard": guard}
+    stopper = EarlyStopping(cfg.recipe.early_stop)
+    if stopper.enabled:
+        stateful["early_stop"] = stopper
     step = restore(resume_from, engine, ema, stateful)
     monitor = Monitor(cfg, run_dir, config_dict, step, enabled=ctx.is_main)
     trainable = sum(getattr(p, "ds_numel", p.numel()) for p in engine.params)
     monitor.write(f"{trainable:,} trainable parameters; {task.describe()}; mesh {ctx.dims}; "
                   f"run dir {run_dir}")
     data_iter = iter(batches)
-    while step < cfg.trainer.max_steps:
+    if stopper.stopped:
+        monitor.write(f"the run stopped early at step {step} (best: step {stopper.best_step}, "
+                      f"see {run_dir / 'best.json'}); nothing left to train")
+    while step < cfg.trainer.max_steps and not stopper.stopped:
         with monitor.waiting_for_data():
             batch = next(data_iter)
         step += 1
@@ -197,14 +208,20 @@ def train(cfg: TrainConfig, run_dir: Path, config_dict: dict) -> None:
         # shard buckets may differ between replicas
         monitor.log_train_step(step, tokens=task.tokens(batch) * ctx.dp_size, **metrics)
         last = step == cfg.trainer.max_steps
+        improved = False  # with early stopping: the best validation so far, checkpointed
         if (step % cfg.trainer.val_every == 0 or last) and val_batches is not None:
-            log_validation(task, step, model, ema, val_batches, monitor)
+            val = log_validation(task, step, model, ema, val_batches, monitor)
+            improved = on_validation(cfg, step, val, engine.scheduler, stopper, ctx, monitor)
+            last = last or stopper.stopped
         if step % cfg.trainer.sample_every == 0 or last:
             with ema.swapped_in():
                 task.show(step, run_dir, model, monitor)
-        if step % cfg.trainer.ckpt_every == 0 or last:
-            checkpointer.save(step, partial(save_checkpoint, engine=engine, ema=ema,
-                                            state=trainer_state(step, stateful)))
+        if step % cfg.trainer.ckpt_every == 0 or last or improved:
+            checkpointer.keep_steps = stopper.keep_steps()
+            saved = checkpointer.save(step, partial(save_checkpoint, engine=engine, ema=ema,
+                                                    state=trainer_state(step, stateful)))
+            if improved:
+                stopper.publish(run_dir, saved, cfg.recipe.val_metric, ctx.is_main)
     monitor.close()
     shutdown(ctx)
 

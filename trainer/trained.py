@@ -14,6 +14,7 @@ from parallel.checkpoint import Checkpointer, load_deepspeed_weights, load_train
 from parallel.weights import SafetensorsWeights, load_weights, plan_load
 from trainer.build import single_process
 from trainer.config import TrainConfig
+from trainer.early_stop import BEST_FILE, best_checkpoint
 from trainer.ema import EMA
 from trainer.run_config import (
     CONFIG_KEY,
@@ -39,12 +40,20 @@ class TrainedRun:
 
 def locate_checkpoint(checkpoint: Path, key: str = "checkpoint") -> tuple[Path, Path]:
     """(run dir, intact checkpoint dir) from a run dir or one of its ``checkpoints/step_N``;
-    ``key`` names the option in errors."""
+    ``key`` names the option in errors. A run dir means its newest checkpoint, or with
+    early stopping the best one its ``best.json`` names."""
     if checkpoint.name.startswith("step_") and checkpoint.parent.name == "checkpoints":
         problem = Checkpointer.verify(checkpoint)
         if problem:
             raise ValueError(f"{key}={checkpoint} is damaged: {problem}")
         return checkpoint.parent.parent, checkpoint
+    best = best_checkpoint(checkpoint)
+    if best is not None:
+        problem = Checkpointer.verify(best) if best.is_dir() else f"{best} is missing"
+        if problem:
+            raise ValueError(f"{key}={checkpoint}: the best checkpoint its {BEST_FILE} names "
+                             f"is damaged ({problem}); pass one of its checkpoints/step_N")
+        return checkpoint, best
     found = Checkpointer(checkpoint / "checkpoints", keep_last=0).latest()
     if found is None:
         raise FileNotFoundError(f"{key}={checkpoint} has no intact checkpoint under "
