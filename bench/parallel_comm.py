@@ -244,11 +244,11 @@ def table(rows: list[tuple[Mesh, dict, dict]]) -> str:
 
 
 def spec_table(rows: list[tuple[Mesh, dict, dict]]) -> str:
-    """SPEC §9's yardstick next to this model's per-rank, per-layer forward volume."""
+    """arXiv 2410.13720 §9's yardstick next to this model's per-rank, per-layer forward volume."""
     cfg = compose(BASE)
     h, b, depth = cfg.model.width, cfg.recipe.batch_size, cfg.model.depth
     sent = {(m.dp_shard, m.cp, m.tp, m.cp_mode): counted for m, counted, _ in rows}
-    lines = ["| scheme | SPEC §9 (per link, per layer) | here: per rank, per layer, forward "
+    lines = ["| scheme | peers (per link, per layer) | here: per rank, per layer, forward "
              "| P | N = B·L | analytic elements | measured elements |",
              "|---|---|---|---:|---:|---:|---:|"]
     # Ulysses: q, k, v to head shards and the output back, (P-1)/P of each leaves; the

@@ -47,7 +47,7 @@ if __package__ in (None, ""):  # run as a script: make `models` importable
 from models.costs import dit_forward_flops  # noqa: E402
 from models.dit import DiT, DiTConfig  # noqa: E402
 
-CHANNELS = 16  # latent channels of the TAE (SPEC §3)
+CHANNELS = 16  # latent channels of the TAE (arXiv 2410.13720 §3)
 CONTEXT = 64  # text tokens
 HEAD_DIM = 64
 PEER = "Wan (diffusers)"

@@ -36,7 +36,7 @@ from trainer.trained import load_run  # noqa: E402
 from trainer.video_quality import psnr, ssim  # noqa: E402
 
 SIZES, FRAMES = (256, 768), (32, 128)
-# SPEC §3 temporal tiles (32 frames, decoder overlap 16); spatial tiles at 768 px, the
+# arXiv 2410.13720 §3 temporal tiles (32 frames, decoder overlap 16); spatial tiles at 768 px, the
 # Movie Gen default, so neither size is cut in space and the comparison is temporal tiling
 SPEC_TILES = {"tile_frames": 32, "decode_overlap_frames": 16, "spatial_tile_size": 768,
               "spatial_tile_overlap": 128}

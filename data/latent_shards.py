@@ -1,6 +1,6 @@
 """Cached latents and text encodings (``data=latents``): shards written by
 ``python -m trainer.precompute`` read as training batches, so the step runs no decoder,
-autoencoder or frozen text encoder (SPEC §6).
+autoencoder or frozen text encoder (arXiv 2410.13720 §6).
 
 Cache format, one shard per raw shard with the same file name and sample order:
 ``KEY.safetensors`` holds ``latent`` (C, T', H', W') and, per text encoder ``NAME``,

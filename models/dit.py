@@ -1,4 +1,4 @@
-"""The Movie Gen video DiT (SPEC §1), a plain nn.Module.
+"""The Movie Gen video DiT (arXiv 2410.13720 §1), a plain nn.Module.
 
 A Llama-style non-causal block: RMSNorm -> self-attention -> cross-attention to text ->
 RMSNorm -> SwiGLU, no biases. Time enters through adaLN-zero in PixArt-alpha's shared

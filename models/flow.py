@@ -1,4 +1,4 @@
-"""Flow matching on the straight path (SPEC §2).
+"""Flow matching on the straight path (arXiv 2410.13720 §2).
 
 Convention: t in [0, 1], t = 0 is noise x0 ~ N(0, I), t = 1 is data x1.
 x_t = t * x1 + (1 - (1 - sigma_min) * t) * x0, target velocity v = x1 - (1 - sigma_min) * x0.

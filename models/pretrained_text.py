@@ -1,6 +1,6 @@
 """Frozen pretrained text encoders read from a local directory with ``transformers``.
 
-Movie Gen conditions on several frozen encoders (SPEC §1): UL2 for meaning, ByT5 for the
+Movie Gen conditions on several frozen encoders (arXiv 2410.13720 §1): UL2 for meaning, ByT5 for the
 glyphs of quoted text and a long-context MetaCLIP. Each class below wraps one Hugging Face
 family behind the encoder interface of ``models.text``:
 ``encode(captions) -> (states (B, max_length, dim) fp32, mask (B, max_length) bool)``,
@@ -210,7 +210,7 @@ class MiniLMTextEncoder(_PositionTableEncoder):
 
 # Config schemas (registered under the Hydra group text/encoder). A "???" path is
 # mandatory: composing without it fails with the key named. shard: FSDP-shard the encoder
-# (the big one) or replicate it on every rank (the small ones), SPEC §6.
+# (the big one) or replicate it on every rank (the small ones), arXiv 2410.13720 §6.
 
 @dataclass
 class PretrainedEncoderConfig:

@@ -1,4 +1,4 @@
-"""Euler sampling of the flow ODE with Movie Gen's linear-quadratic schedule (SPEC §2).
+"""Euler sampling of the flow ODE with Movie Gen's linear-quadratic schedule (arXiv 2410.13720 §2).
 
 The schedule is returned as data fractions t_0 = 0 (noise) < ... < t_N = 1 (data); the
 noise level is 1 - t. Classifier-free guidance mixes conditional and unconditional

@@ -1,4 +1,4 @@
-"""The Movie Gen temporal autoencoder (TAE, SPEC §3): a 2.5D KL autoencoder for video.
+"""The Movie Gen temporal autoencoder (TAE, arXiv 2410.13720 §3): a 2.5D KL autoencoder for video.
 
 Shapes: video (B, 3, T, H, W) in [-1, 1] <-> latent (B, C, T', H', W') with
 T' = ceil(T / temporal_compression), H' = ceil(H / spatial_compression), likewise W'.

@@ -1,4 +1,4 @@
-"""Building blocks of the 2.5D temporal autoencoder (SPEC §3), and its encoder and decoder.
+"""Building blocks of the 2.5D temporal autoencoder (arXiv 2410.13720 §3) and its coders.
 
 Every tensor here is a video feature map (B, C, T, H, W). A spatial layer acts on each
 frame alone (a Conv3d with a 1×k×k kernel, zero padding in space; group norm statistics

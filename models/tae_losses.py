@@ -1,4 +1,4 @@
-"""Training losses of the TAE (SPEC §3) and its optional patch discriminator.
+"""Training losses of the TAE (arXiv 2410.13720 §3) and its optional patch discriminator.
 
 ``tae_loss`` = rec + kl_weight·KL + opl_weight·OPL
                [+ λ·disc_weight·generator hinge + discriminator hinge, from ``disc_start``],
@@ -7,7 +7,7 @@ rec = l1_weight·L1 + l2_weight·MSE (L1 alone by default), λ the adaptive weig
 The generator and discriminator terms share one backward and one optimizer: the generator
 term runs the discriminator with its parameters detached (so it only trains the
 autoencoder) and the discriminator term sees the reconstruction detached (so it only
-trains the discriminator). The perceptual loss of SPEC §3 needs pretrained weights
+trains the discriminator). The perceptual loss of arXiv 2410.13720 §3 needs pretrained weights
 (LPIPS) and is not here.
 
 Shapes: video and reconstruction (B, 3, T, H, W); posterior mean and logvar

@@ -1,4 +1,4 @@
-"""Text conditioning: encoders behind one interface, projected and concatenated (SPEC §1).
+"""Text conditioning: encoders behind one interface, projected, concatenated (arXiv 2410.13720 §1).
 
 An encoder maps captions to tokens: ``encode(captions) -> (tokens (B, L, E), mask (B, L))``
 with ``mask`` True on real tokens, and exposes ``dim`` (E) and ``trainable``. The embedded

@@ -31,7 +31,7 @@ def apply_fsdp(model: TextToVideo, ctx: ParallelContext, param_dtype: torch.dtyp
                reduce_dtype: torch.dtype = torch.float32) -> None:
     """Units: every DiT block, each sharded frozen text encoder, the rest of the DiT
     (embeddings, final layer), the rest of the text conditioner, and the (parameter-free)
-    root. A frozen encoder with ``shard=False`` (the small ones, SPEC §6) stays out of
+    root. A frozen encoder with ``shard=False`` (the small ones, arXiv 2410.13720 §6) stays out of
     FSDP: whole on every rank, never gathered. Sampling calls ``model.text`` and
     ``model.dit`` separately, so each must gather its own parameters. Call on the meta
     model after TP and CP."""

@@ -1,4 +1,4 @@
-"""Tensor + sequence parallelism for the DiT with DTensor plans (SPEC §6, Megatron-SP).
+"""Tensor + sequence parallelism for the DiT with DTensor plans (arXiv 2410.13720 §6, Megatron-SP).
 
 Inside a block the residual stream is sharded along the sequence over the tp group
 (``Shard(1)``): norms, adaLN modulation and residual adds run on 1/tp of the tokens.

@@ -1,4 +1,4 @@
-"""Every mesh computes what one process computes (SPEC §6, DESIGN testing standards).
+"""Every mesh computes what one process computes (arXiv 2410.13720 §6).
 
 Each case runs the real training step (``trainer.train.train_step``: loss, backward,
 mesh-aware clipping, AdamW, EMA, LR warmup) in gloo processes on CPU and compares with

@@ -1,5 +1,5 @@
 """``python -m trainer.precompute output=cache/ [training overrides ...]``: encode raw video
-shards once into cached latents and text encodings (``data=latents``, SPEC §6).
+shards once into cached latents and text encodings (``data=latents``, arXiv 2410.13720 §6).
 
 The overrides are those of the training run (``experiment=... data=webdataset
 data.shards=... autoencoder=... text=...``), composed from ``conf/train.yaml``, so the

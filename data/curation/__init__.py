@@ -1,4 +1,4 @@
-"""Movie Gen-style curation filters (SPEC §4).
+"""Movie Gen-style curation filters (arXiv 2410.13720 §4).
 
 Each filter is a small dataclass: its fields are its thresholds (set from
 `conf/curate/*.yaml`), and `filter(clip) -> Decision`. `build_filters` turns the YAML

@@ -69,7 +69,7 @@ SQUARES = ("landscape", "portrait", "excluded")
 @dataclass
 class AspectBalancer:
     """Scales sampling weights so that landscape and portrait clips make up `landscape`
-    and 1 - `landscape` of the expected samples per epoch (SPEC §4: about 60/40).
+    and 1 - `landscape` of the expected samples per epoch (arXiv 2410.13720 §4: about 60/40).
 
     A clip whose width/height is within `square_tolerance` of 1 is square; squares count
     as `squares`: "landscape", "portrait", or "excluded" (weight unchanged, not in the
