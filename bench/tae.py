@@ -38,7 +38,7 @@ from trainer.video_quality import psnr, ssim  # noqa: E402
 SIZES, FRAMES = (256, 768), (32, 128)
 # arXiv 2410.13720 §3 temporal tiles (32 frames, decoder overlap 16); spatial tiles at 768 px, the
 # Movie Gen default, so neither size is cut in space and the comparison is temporal tiling
-SPEC_TILES = {"tile_frames": 32, "decode_overlap_frames": 16, "spatial_tile_size": 768,
+PAPER_TILES = {"tile_frames": 32, "decode_overlap_frames": 16, "spatial_tile_size": 768,
               "spatial_tile_overlap": 128}
 CORES = 2
 
@@ -75,7 +75,7 @@ def measure_point(size: int, frames: int, tiled: bool, op: str) -> dict:
     torch.set_num_threads(CORES)
     fields = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "autoencoder" / "tae_tiny.yaml"))
     fields.pop("defaults")
-    autoencoder = TemporalAutoencoder(**{**fields, **SPEC_TILES,
+    autoencoder = TemporalAutoencoder(**{**fields, **PAPER_TILES,
                                          "_target_": TAEConfig._target_}).eval()
     autoencoder.requires_grad_(False)
     video = torch.rand(1, 3, frames, size, size) * 2 - 1
@@ -95,7 +95,7 @@ def measure_point(size: int, frames: int, tiled: bool, op: str) -> dict:
 def estimated_gib(size: int, frames: int, tiled: bool) -> float:
     """Peak growth scales with pixels x frames per network call: measured 1.4 GiB for an
     untiled 256 px x 32-frame decode (0.9 GiB encode)."""
-    frames = min(frames, SPEC_TILES["tile_frames"]) if tiled else frames
+    frames = min(frames, PAPER_TILES["tile_frames"]) if tiled else frames
     return 1.4 * (size / 256) ** 2 * frames / 32
 
 
