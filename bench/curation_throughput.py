@@ -11,7 +11,7 @@ What it measures, in one run:
    dataset-wide dedup, concept balancing (loading the MiniLM caption encoder) and writing
    the curated shards; the funnel is checked (all N out).
 2. Pass 1 alone (the per-clip filter chain, ``data.curation.job.filter_shard`` per shard
-   through the job's own ``data.curate.parallel`` pool) with workers = 1 and 2: the
+   through the job's own ``data.curation.workers.run_jobs`` workers) with workers = 1 and 2: the
    throughput of the chain without the job's fixed costs.
 3. Pass 1 in this process (one core), per filter: the same chain as the job's pass 1
    (``data.curation.job.pass1_chain``), each filter timed on each clip; the first filter
@@ -47,9 +47,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if __package__ in (None, ""):  # run as a script: make `data` importable
     sys.path.insert(0, str(ROOT))
 
-from data.curate import DEFAULT_CONFIG, parallel, work_name  # noqa: E402
+from data.curate import DEFAULT_CONFIG, work_name  # noqa: E402
 from data.curation import Clip  # noqa: E402
 from data.curation.job import filter_shard, pass1_chain  # noqa: E402
+from data.curation.workers import run_jobs  # noqa: E402
 from data.shards import write_shard  # noqa: E402
 
 W, H, FPS, SECONDS = 640, 360, 24, 6.0
@@ -139,9 +140,9 @@ def pass1(raw: Path, config: Path, count: int, workers: int) -> float:
     shards = sorted(raw.glob("*.tar"))
     with tempfile.TemporaryDirectory() as work:
         jobs = [(p.name, str(p), os.path.join(work, work_name(p.name, str(p))), specs["filters"],
-                 specs["analysis"]) for p in shards]
+                 specs["analysis"], specs["max_member_bytes"]) for p in shards]
         start = time.perf_counter()
-        parallel(filter_shard, jobs, workers)
+        run_jobs(filter_shard, jobs, [p.name for p in shards], workers)
         return time.perf_counter() - start
 
 
@@ -149,7 +150,7 @@ def pool_startup(workers: int) -> float:
     """Seconds for the job's spawn pool to start `workers` processes and run a no-op in each
     (each child imports this script, hence data.curation: torch, cv2, scenedetect)."""
     start = time.perf_counter()
-    parallel(os.getpid, [()] * workers, workers)
+    run_jobs(os.getpid, [()] * workers, [str(i) for i in range(workers)], workers)
     return time.perf_counter() - start
 
 
@@ -182,6 +183,8 @@ def per_filter(raw: Path, config: Path, count: int) -> tuple[dict[str, float], i
                         break
                     if decision.window is not None:
                         clip = clip.window(*decision.window)
+                    if decision.split is not None:  # the bench's clips are single shots
+                        clip = clip.window(*decision.split[0])
                 else:
                     kept += 1
     return {name: t / count for name, t in totals.items()}, kept

@@ -1,6 +1,7 @@
 """Curate raw video shards: ``python -m data.curate input='raw/{000000..000099}.tar'
 output=curated/ [workers=N] [wandb=offline|online|disabled] [config=conf.yaml]
-[filters.NAME.THRESHOLD=value ...] [balance.num_clusters=K] [aspect_mix.landscape=F]``,
+[filters.NAME.THRESHOLD=value ...] [balance.num_clusters=K] [aspect_mix.landscape=F]
+[max_member_bytes=N] [libav_log=off|error|warning|...]``,
 or a folder of videos: ``input=videos/ captions=captions.jsonl [shard_size=100]`` (lines
 ``{"file": path under the folder, "caption": ...}``; curated shards are then numbered
 000000.tar, ...).
@@ -10,17 +11,21 @@ one worker process per shard, then near-duplicates across the whole dataset, con
 balancing and the landscape/portrait mix (sampling weights), and writes curated shards
 of the same names under `output/`, `report.json` (samples and hours each filter removed,
 with reasons; the aspect mix achieved) and a funnel table on stdout, also logged to
-wandb. See `data/curation/job.py` for the passes and how restarts work.
+wandb. See `data/curation/job.py` for the passes and how restarts work. A shard that
+cannot be read to its end is not published: the job finishes the others, then exits
+with status 1 naming it; a rerun tries it again. A worker process that dies (killed
+for memory) fails the job after the other shards, naming its shard.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing
+import logging
 import os
 import sys
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +39,14 @@ from data.curation import FILTERS, SCORERS, AspectBalancer
 from data.curation.job import (
     dedup_and_balance,
     filter_shard,
-    funnel,
-    funnel_table,
     read_json,
     write_curated_shard,
     write_json,
 )
+from data.curation.raw import source_identity
+from data.curation.report import funnel, funnel_rows, funnel_table
+from data.curation.workers import JobsFailed, run_jobs
+from data.video import LIBAV_LOG_LEVELS, route_libav_logs
 
 DEFAULT_CONFIG = Path(conf.__file__).resolve().parent / "curate" / "default.yaml"
 USAGE = "python -m data.curate input='raw/{000000..000099}.tar' output=curated/ [key=value ...]"
@@ -60,6 +67,8 @@ class CurateConfig:
     filters: dict[str, dict[str, Any]] = field(default_factory=dict)
     balance: dict[str, Any] = field(default_factory=dict)  # balance.<field>=value
     aspect_mix: dict[str, Any] = field(default_factory=dict)  # aspect_mix.<field>=value
+    max_member_bytes: int | None = None  # overrides the config's: larger members are dropped
+    libav_log: str = "off"  # libav's own messages from this level up go to Python logging
 
 
 def parse_options(argv: list[str]) -> CurateConfig:
@@ -76,6 +85,9 @@ def parse_options(argv: list[str]) -> CurateConfig:
         raise SystemExit(f"data.curate: workers={cfg.workers} must be >= 1")
     if cfg.wandb not in WANDB_MODES:
         raise SystemExit(f"data.curate: wandb={cfg.wandb!r} must be one of {WANDB_MODES}")
+    if cfg.libav_log not in LIBAV_LOG_LEVELS:
+        raise SystemExit(f"data.curate: libav_log={cfg.libav_log!r} must be one of "
+                         f"{tuple(LIBAV_LOG_LEVELS)}")
     return cfg
 
 
@@ -124,8 +136,9 @@ def folder_sources(folder: str, captions: str, shard_size: int) -> list[tuple[st
 
 
 def load_chain_config(cfg: CurateConfig) -> dict:
-    """{analysis, filters, balance, aspect_mix} of the YAML with the command line's
-    overrides; a missing or null balance or aspect_mix switches that step off."""
+    """{analysis, max_member_bytes, filters, balance, aspect_mix} of the YAML with the
+    command line's overrides; a missing or null balance or aspect_mix switches that step
+    off."""
     try:
         loaded = yaml.safe_load(Path(cfg.config).read_text())
     except (OSError, yaml.YAMLError) as err:
@@ -147,8 +160,13 @@ def load_chain_config(cfg: CurateConfig) -> dict:
             AspectBalancer(**aspect_mix)
         except (TypeError, ValueError) as err:
             raise SystemExit(f"data.curate: {err} (config={cfg.config})") from None
-    return {"analysis": loaded["analysis"], "filters": loaded["filters"], "balance": balance,
-            "aspect_mix": aspect_mix}
+    limit = loaded.get("max_member_bytes") if cfg.max_member_bytes is None \
+        else cfg.max_member_bytes
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise SystemExit(f"data.curate: max_member_bytes={limit!r} (config={cfg.config} or the "
+                         f"command line) must be a whole number of bytes >= 1, e.g. 1073741824")
+    return {"analysis": loaded["analysis"], "max_member_bytes": limit,
+            "filters": loaded["filters"], "balance": balance, "aspect_mix": aspect_mix}
 
 
 def check_work_dir(work: Path, chain: dict) -> None:
@@ -163,19 +181,32 @@ def check_work_dir(work: Path, chain: dict) -> None:
 
 
 def work_name(name: str, source: str | dict) -> str:
-    """One intermediate file per shard; a hash of its source (the tar's absolute path, or
-    the folder chunk's files and captions) keeps a changed input from being reused."""
-    digest = hashlib.sha1(json.dumps(source, sort_keys=True).encode()).hexdigest()[:8]
-    return f"{name}.{digest}.json"
+    """One intermediate file per shard, named after its source's identity (a tar's path,
+    size and modification time; a folder chunk's files, captions, sizes and times), so
+    a replaced input is judged again rather than read from an old result."""
+    identity = json.dumps(source_identity(source), sort_keys=True)
+    return f"{name}.{hashlib.sha1(identity.encode()).hexdigest()[:8]}.json"
 
 
-def parallel(function, jobs: list[tuple], workers: int) -> list:
-    """`function(*job)` per job in processes; spawned so the parent's threads (torch,
-    the caption encoder) are not forked mid-flight."""
-    if workers == 1 or len(jobs) <= 1:
-        return [function(*job) for job in jobs]
-    with multiprocessing.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
-        return pool.starmap(function, jobs)
+def worker_setup(libav_log: str) -> None:
+    """libav's messages from `libav_log` up, in a worker process (and the job's own), go
+    through the `libav` logger to stderr; other libraries' logging stays as it was (a
+    root handler would let through PySceneDetect's line per clip)."""
+    route_libav_logs(libav_log)
+    libav = logging.getLogger("libav")
+    if libav_log != "off" and not libav.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        libav.addHandler(handler)
+
+
+def run_pass(function, jobs: list[tuple], names: list[str], cfg: CurateConfig, what: str) -> list:
+    try:
+        return run_jobs(function, jobs, names, cfg.workers, partial(worker_setup, cfg.libav_log))
+    except JobsFailed as failed:
+        listed = "\n".join(f"  {name}: {why}" for name, why in failed.failures.items())
+        raise SystemExit(f"data.curate: {what} failed on {len(failed.failures)} shards (the "
+                         f"others' results are kept; a rerun resumes):\n{listed}") from None
 
 
 def log_to_wandb(cfg: CurateConfig, report: dict) -> None:
@@ -186,10 +217,9 @@ def log_to_wandb(cfg: CurateConfig, report: dict) -> None:
     os.environ.setdefault("WANDB_SILENT", "true")
     run = wandb.init(project=cfg.project, dir=cfg.output, mode=cfg.wandb, job_type="curation",
                      config={"input": cfg.input, "config": cfg.config})
-    left, rows = report["samples_in"], []
-    for name, row in report["filters"].items():
-        left -= row["samples"]
-        rows.append([name, row["samples"], row["hours"], left, json.dumps(row["reasons"])])
+    # a split row removes no hours; wandb wants one type per column
+    rows = [[stage, removed, hours or 0.0, left, reasons]
+            for stage, removed, hours, left, reasons in funnel_rows(report)]
     table = wandb.Table(columns=["stage", "removed", "hours_removed", "left", "reasons"],
                         data=rows)
     run.log({"funnel": table, "samples_in": report["samples_in"],
@@ -201,26 +231,38 @@ def log_to_wandb(cfg: CurateConfig, report: dict) -> None:
 
 def main(argv: list[str]) -> dict:
     cfg = parse_options(argv)
+    worker_setup(cfg.libav_log)
     sources = input_sources(cfg)
     chain = load_chain_config(cfg)
     output = Path(cfg.output)
     work = output / ".work"
     check_work_dir(work, chain)
+    names = [name for name, _ in sources]
+    limit = chain["max_member_bytes"]
 
-    # Pass 1: per-clip filters, one process per shard; a shard done before is not redone.
+    # Pass 1: per-clip filters, a shard per worker process; one done before is not redone.
     jobs = [(name, source, str(work / work_name(name, source)), chain["filters"],
-             chain["analysis"]) for name, source in sources]
-    works = [read_json(p) for p in parallel(filter_shard, jobs, cfg.workers)]
+             chain["analysis"], limit) for name, source in sources]
+    works = run_pass(filter_shard, jobs, names, cfg, "pass 1 (the filters)")
     # Pass 2: dataset-wide near-duplicates and balancing, in input order (deterministic).
     mix = dedup_and_balance(works, chain["filters"], chain["balance"], chain["aspect_mix"])
     report = {**funnel(works, chain["filters"]), "aspect_mix": mix}
-    # Pass 3: curated shards; a shard written before is complete and not rewritten.
-    jobs = [(source, str(output / name), work["samples"])
-            for (name, source), work in zip(sources, works, strict=True)]
-    report["shards"] = parallel(write_curated_shard, jobs, cfg.workers)
+    # Pass 3: curated shards; one written before from the same results is not rewritten.
+    done = [(name, source, w) for (name, source), w in zip(sources, works, strict=True)
+            if not w["error"]]
+    jobs = [(source, str(output / name), str(work / f"{name}.published"), w, limit)
+            for name, source, w in done]
+    errors = run_pass(write_curated_shard, jobs, [n for n, _, _ in done], cfg,
+                      "pass 3 (writing curated shards)")
+    report["shard_errors"].update({n: e for (n, _, _), e in zip(done, errors, strict=True) if e})
+    report["shards"] = [str(output / n) for n, _, _ in done if n not in report["shard_errors"]]
     write_json(output / "report.json", report)
     print(funnel_table(report))
     log_to_wandb(cfg, report)
+    if report["shard_errors"]:
+        raise SystemExit(f"data.curate: {len(report['shard_errors'])} shards were not "
+                         f"published: {', '.join(report['shard_errors'])} (why: shard_errors in "
+                         f"{output / 'report.json'}); repair or replace them and rerun")
     return report
 
 

@@ -7,12 +7,32 @@ Two layouts meet here:
 
 from __future__ import annotations
 
+import logging
 import os
 from fractions import Fraction
 
 import av
+import av.logging
 import numpy as np
 import torch
+
+# libav's log levels by name; "off" drops its messages inside libav (PyAV's default).
+LIBAV_LOG_LEVELS = {"off": None, "panic": av.logging.PANIC, "fatal": av.logging.FATAL,
+                    "error": av.logging.ERROR, "warning": av.logging.WARNING,
+                    "info": av.logging.INFO, "verbose": av.logging.VERBOSE,
+                    "debug": av.logging.DEBUG}
+
+
+def route_libav_logs(level: str) -> None:
+    """libav's own messages ("moov atom not found", "error while decoding MB ...") from
+    `level` (a LIBAV_LOG_LEVELS name) up go to Python logging, under the `libav.<component>`
+    loggers; "off" drops them. The decoders' errors reach callers as exceptions either
+    way: on a large corpus these lines are noise, one per bad file, on stderr."""
+    threshold = LIBAV_LOG_LEVELS[level]
+    av.logging.set_level(threshold)
+    if threshold is not None:  # PyAV's own default lets only warnings through
+        logging.getLogger("libav").setLevel(av.logging.adapt_level(threshold))
+
 
 # Every codec PyAV ships (libx264, libx265, mpeg4, libvpx-vp9, libsvtav1) accepts
 # yuv420p, and players expect it; its 2x2 chroma subsampling is why H and W must be even.

@@ -65,6 +65,7 @@ def raw(tmp_path_factory) -> Path:
     cfg = yaml.safe_load(DEFAULT_CONFIG.read_text())
     for spec in cfg["filters"]:
         spec.update({"resolution": {"min_side": 32}, "duration": {"min_s": 2.0},
+                     "scene_cuts": {"min_shot_s": 2.0},
                      "sharpness": {"min_var": 0.0, "max_var": 1e9},
                      # pHash of 64 px frames is coarse: the shifted re-encode lies 16 apart
                      "duplicates": {"max_distance": 24}}.get(spec["name"], {}))
@@ -105,13 +106,13 @@ def test_curate_funnel_output_and_restart(raw, tmp_path):
     assert report["hours_out"] == pytest.approx(2 * 4 / 3600, abs=1e-4)  # first second skipped
 
     metas = {**shard_json(out / "000000.tar"), **shard_json(out / "000001.tar")}
-    assert sorted(metas) == ["good", "other"]
-    good = metas["good"]
+    assert sorted(metas) == ["good_s0", "other_s0"]  # each source's single shot
+    good = metas["good_s0"]
     assert good["source"] == "cam1" and good["start"] == 1.0
     assert good["end"] == pytest.approx(5.0, abs=0.2)
     assert {"motion", "phash", "sharpness", "text_area"} <= set(good["scores"])
     assert all(m["weight"] == pytest.approx(1.0) for m in metas.values())  # 2 clusters of 1
-    assert metas["other"]["caption"].startswith("a bright pattern")
+    assert metas["other_s0"]["caption"].startswith("a bright pattern")
 
     grid = BucketGrid([[H, W]], [16], [1], 1)
     batch = next(iter(ShardBatches(VideoShards(str(out / "{000000..000001}.tar"), grid, FPS,
@@ -150,8 +151,9 @@ def test_curate_a_folder_with_a_captions_jsonl(raw, tmp_path):
     assert list(report["filters"]["media"]["reasons"]) == [
         "no media file: no mp4/webm/mkv/mov member (has json, txt)"]
     metas = {**shard_json(out / "000000.tar"), **shard_json(out / "000001.tar")}
-    assert sorted(metas) == ["good_mp4", "other_mp4"]
-    assert metas["good_mp4"]["source_file"] == "good.mp4" and metas["good_mp4"]["start"] == 1.0
+    assert sorted(metas) == ["good_mp4_s0", "other_mp4_s0"]
+    assert metas["good_mp4_s0"]["source_file"] == "good.mp4"
+    assert metas["good_mp4_s0"]["start"] == 1.0
 
 
 def test_curate_balances_the_landscape_portrait_mix(raw, tmp_path):
@@ -181,7 +183,7 @@ def test_curate_balances_the_landscape_portrait_mix(raw, tmp_path):
     assert "Aspect mix, landscape:portrait share" in result.stdout
     assert "-> 60.0%:40.0%" in result.stdout
 
-    metas = shard_json(out / "000000.tar")
+    metas = {key.removesuffix("_s0"): meta for key, meta in shard_json(out / "000000.tar").items()}
     assert {k: m["orientation"] for k, m in metas.items()} == {
         "land0": "landscape", "land1": "landscape", "land2": "landscape", "port": "portrait",
         "square": "square"}

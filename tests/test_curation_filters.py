@@ -105,7 +105,7 @@ def test_probe_reads_metadata_and_rejects_garbage(clips):
     assert ok.scores["duration"] == pytest.approx(SECONDS, abs=0.2)
     bad = ProbeFilter()(Clip(clips["corrupt"]))
     assert not bad.keep and bad.reason.startswith("undecodable")
-    chain = run_filters(Clip(clips["corrupt"]), [MotionFilter()])  # no probe filter first
+    [chain] = run_filters(Clip(clips["corrupt"]), [MotionFilter()])  # no probe filter first
     assert (chain.keep, chain.dropped_by) == (False, "motion")
     assert chain.reason.startswith("undecodable")
 
@@ -217,12 +217,12 @@ def test_default_config_chain(clips):
     assert [f.name for f in filters][:2] == ["probe", "caption"]  # cheap first
     caption = "a textured wall slides slowly past the camera"
     clip = Clip(clips["moving"], caption, analysis_fps=cfg["analysis"]["fps"])
-    dropped = run_filters(clip, filters)
+    [dropped] = run_filters(clip, filters)
     assert (dropped.dropped_by, dropped.reason) == ("resolution", "min side 64 < 720")
     assert dropped.start_s is None and dropped.scores["caption_words"] == 8
     relaxed = [f for f in filters if f.name not in ("resolution", "sharpness")]
-    kept = run_filters(clip, relaxed)
-    assert kept.keep, kept
+    [kept] = run_filters(clip, relaxed)  # one shot: no cut
+    assert kept.keep and (kept.shot, kept.split_by) == (0, "scene_cuts"), kept
     assert kept.start_s == 1.0 and kept.scores["phash"] and "motion" in kept.scores
 
 

@@ -49,7 +49,8 @@ class ChainResult:
     """Outcome of a filter chain on one clip: who dropped it and every score gathered.
 
     `start_s`/`end_s` are the kept window (after e.g. the duration filter's skip);
-    None when the clip was dropped.
+    None when the clip was dropped. `shot` is the index of the single-shot window this
+    result judges when a filter (`split_by`) split the clip, else None.
     """
 
     keep: bool
@@ -58,26 +59,44 @@ class ChainResult:
     scores: dict = field(default_factory=dict)
     start_s: float | None = None
     end_s: float | None = None
+    shot: int | None = None
+    split_by: str | None = None
 
 
-def run_filters(clip: Clip, filters: Sequence) -> ChainResult:
+def run_filters(clip: Clip, filters: Sequence) -> list[ChainResult]:
     """Apply `filters` in order; a Decision.window narrows the clip for later filters.
 
-    A file that fails to decode inside any filter is a drop with the decoder's reason,
-    never a crash of the job.
+    A Decision.split (single shots) ends the clip's own path: each window goes on
+    through the filters that follow as a clip of its own, so a clip gives one result per
+    window (one result without a split). A clip that fails to decode inside any filter,
+    or a filter that raises, is a drop with the reason, never a crash of the job.
     """
-    scores: dict = {}
-    for filt in filters:
+    return _run(clip, filters, {}, None, None)
+
+
+def _run(clip: Clip, filters: Sequence, scores: dict, shot: int | None,
+         split_by: str | None) -> list[ChainResult]:
+    scores = dict(scores)
+    for position, filt in enumerate(filters):
         try:
             decision = filt(clip)
         except ProbeError as err:
-            return ChainResult(False, filt.name, str(err), scores)
+            return [ChainResult(False, filt.name, str(err), scores, shot=shot, split_by=split_by)]
+        except Exception as err:  # a filter's bug or a file it cannot handle: one sample's drop
+            reason = f"filter_error: {filt.name}: {type(err).__name__}: {err}"
+            return [ChainResult(False, filt.name, reason, scores, shot=shot, split_by=split_by)]
         scores.update(decision.scores)
         if not decision.keep:
-            return ChainResult(False, filt.name, decision.reason, scores)
+            return [ChainResult(False, filt.name, decision.reason, scores, shot=shot,
+                                split_by=split_by)]
+        if decision.split is not None:
+            rest = filters[position + 1:]
+            return [result for index, (start, end) in enumerate(decision.split)
+                    for result in _run(clip.window(start, end), rest,
+                                       {**scores, "shot": [start, end]}, index, filt.name)]
         if decision.window is not None:
             clip = clip.window(*decision.window)
-    return ChainResult(True, None, "ok", scores, clip.start_s, clip.end_s)
+    return [ChainResult(True, None, "ok", scores, clip.start_s, clip.end_s, shot, split_by)]
 
 
 __all__ = [

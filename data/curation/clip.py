@@ -18,13 +18,15 @@ class Decision:
     """A filter's verdict: `scores` are written to the sample's json.
 
     `window` (start_s, end_s) narrows the clip for the filters that follow (e.g. the
-    duration filter dropping the first seconds of a source video).
+    duration filter dropping the first seconds of a source video). `split` windows
+    make one clip of each for the filters that follow (a source's single shots).
     """
 
     keep: bool
     reason: str = "ok"
     scores: dict = field(default_factory=dict)
     window: tuple[float, float] | None = None
+    split: tuple[tuple[float, float], ...] | None = None
 
 
 @dataclass(frozen=True)

@@ -8,25 +8,33 @@ landscape/portrait mix (its factor multiplies the concept weight).
 Pass 3 (`write_curated_shard`, one worker per shard): copy the kept samples into a
 curated shard of the same name, their json extended with scores, window and weight.
 
-Passes 1 and 3 write each file atomically and skip files that exist, so a killed job
-restarts where it stopped; pass 2 is cheap and redone. Nothing is random (k-means is
+A splitting filter (scene cuts) makes one record per single shot of a source, keyed
+`KEY_s0`, `KEY_s1`, ... in the source's order; each goes through the later filters,
+deduplication and balancing on its own, and pass 3 writes each kept shot as a sample
+(the source's media with the shot's start/end in its json).
+
+Passes 1 and 3 write each file atomically and skip files made before from the same
+input, so a killed job restarts where it stopped; pass 2 is cheap and redone. A pass-1
+file is named after its source's identity (path, size, modification time), so a
+replaced shard is judged again; a curated shard is rewritten when its pass-2 results
+change. A shard that cannot be read to its end is a shard error: nothing of it is
+saved or published, and a restart tries it again. Nothing is random (k-means is
 seeded), so a rerun gives the same output.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import re
-import tarfile
 import tempfile
-from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from data.shards import IMAGE_EXTS, VIDEO_EXTS, write_shard
+from data.tars import TarReadError
 
 from . import (
     AspectBalancer,
@@ -38,63 +46,37 @@ from . import (
     clip_signature,
     run_filters,
 )
+from .raw import RawSample, caption_problem, raw_samples, source_identity
+from .report import DEDUP, INPUT
 
-DEDUP = "duplicates"  # the filter name that runs dataset-wide, in pass 2
-
-
-def read_raw_shard(source: str | Mapping) -> tuple[list[tuple[str, dict[str, bytes]]], str | None]:
-    """([(key, {ext: bytes})] in order, error) of a tar path or a folder chunk (see
-    `read_folder_chunk`); a broken tar keeps the samples read before the break."""
-    if not isinstance(source, str):
-        return read_folder_chunk(source), None
-    samples: dict[str, dict[str, bytes]] = {}
-    try:
-        with tarfile.open(source) as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                name = os.path.basename(member.name)
-                key, _, ext = name.partition(".")
-                if not ext:
-                    continue
-                data = tar.extractfile(member).read()
-                samples.setdefault(key, {})[ext.lower()] = data
-    except (OSError, tarfile.TarError) as err:
-        return list(samples.items()), f"unreadable tar after {len(samples)} samples: {err}"
-    return list(samples.items()), None
+# What pass 3 adds to a kept sample's json.
+ADDED = ("scores", "start", "end", "weight", "cluster", "orientation", "aspect_factor")
 
 
-def read_folder_chunk(chunk: Mapping) -> list[tuple[str, dict[str, bytes]]]:
-    """Samples of `{"folder": dir, "items": [[file, caption], ...]}` (a captions JSONL).
+class SampleProblem(ValueError):
+    """A sample's json or caption cannot be used; the message is its drop reason."""
 
-    The key is the file's path under the folder with `/` and `.` turned into `_` (a
-    shard key must not hold a dot); the json records the file. A missing file leaves a
-    sample without media, which pass 1 counts as a drop.
+
+def metadata(members: Mapping[str, bytes]) -> tuple[dict, str]:
+    """(json metadata, caption: the txt member, else the json's "caption", else "").
+
+    Raises SampleProblem (`bad_json`, `bad_caption`): a json member that is no JSON
+    object, nested too deep to parse, or a caption that is no UTF-8 text.
     """
-    samples = []
-    for file, caption in chunk["items"]:
-        key = re.sub(r"[/.]", "_", file)
-        members: dict[str, Any] = {"txt": caption.encode(), "json": json.dumps(
-            {"source_file": file}).encode()}
-        path = os.path.join(chunk["folder"], file)
-        if os.path.isfile(path):
-            members[Path(file).suffix.lstrip(".").lower() or "bin"] = Path(path).read_bytes()
-        samples.append((key, members))
-    return samples
-
-
-def _metadata(members: Mapping[str, bytes]) -> tuple[dict, str]:
-    """(json metadata, caption); a broken json counts as none (the caption filter judges)."""
     meta: Any = {}
     if "json" in members:
         try:
             meta = json.loads(members["json"])
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            meta = {}
-    meta = meta if isinstance(meta, dict) else {}
+        except (ValueError, RecursionError) as err:  # RecursionError: nested too deep
+            raise SampleProblem(f"bad_json: {type(err).__name__}: {err}"[:200]) from err
+        if not isinstance(meta, dict):
+            raise SampleProblem(f"bad_json: a {type(meta).__name__} where an object belongs")
     caption = members["txt"].decode("utf-8", "replace") if "txt" in members else ""
-    caption = caption or meta.get("caption") or ""
-    return meta, caption if isinstance(caption, str) else ""
+    caption = caption or meta.get("caption", "")
+    problem = caption_problem(caption)
+    if problem:
+        raise SampleProblem(problem)
+    return meta, caption
 
 
 @dataclass
@@ -124,51 +106,84 @@ def pass1_chain(specs: Sequence[Mapping]) -> list:
 
 
 def filter_shard(name: str, raw: str | Mapping, work_json: str, specs: Sequence[Mapping],
-                 analysis: Mapping) -> str:
-    """Pass 1 on one raw shard (or folder chunk) called `name`; writes `work_json`
-    (skipped when it exists) and returns its path.
+                 analysis: Mapping, max_member_bytes: int) -> dict:
+    """Pass 1 on one raw shard (or folder chunk) called `name`: its work record
+    {shard, identity, error, sources, seconds, samples}, saved to `work_json` (and read
+    from it when it exists) unless the shard could not be read to its end (`error`).
 
-    Each sample record: key, keep, dropped_by, reason, seconds (source duration, 0 when
-    unknown), and for kept samples the caption, scores and window start/end.
+    Each sample record: key, source (the raw key), keep, dropped_by, reason, seconds
+    (of the source, or of the shot; 0 when unknown); with a split, shot (its index) and
+    split_by; for kept samples the caption, scores and window start/end.
     """
     if os.path.exists(work_json):
-        return work_json
+        return read_json(work_json)
     chain = pass1_chain(specs)
-    samples, error = read_raw_shard(raw)
-    records = []
-    with tempfile.TemporaryDirectory(prefix="curate-") as tmp:
-        for key, members in samples:
-            records.append(_filter_sample(key, members, chain, analysis, tmp))
-    write_json(work_json, {"shard": name, "error": error, "samples": records})
-    return work_json
+    work = {"shard": name, "identity": source_identity(raw), "error": None, "sources": 0,
+            "seconds": 0.0, "samples": []}
+    try:
+        with tempfile.TemporaryDirectory(prefix="curate-") as tmp:
+            for sample in raw_samples(raw, max_member_bytes):
+                records, seconds = _filter_sample(sample, chain, analysis, tmp)
+                work["samples"] += records
+                work["sources"] += 1
+                work["seconds"] += seconds
+    except TarReadError as err:  # not saved: a restart reads the shard again
+        return {**work, "error": str(err), "sources": 0, "seconds": 0.0, "samples": []}
+    write_json(work_json, work)
+    return work
 
 
-def _filter_sample(key: str, members: Mapping[str, bytes], chain: list,
-                   analysis: Mapping, tmp: str) -> dict:
-    _, caption = _metadata(members)
+def _filter_sample(sample: RawSample, chain: list, analysis: Mapping,
+                   tmp: str) -> tuple[list[dict], float]:
+    """(records of the sample or its shots, seconds of the source)."""
+    key, members = sample.key, sample.members
+    try:
+        if sample.problem:
+            raise SampleProblem(sample.problem)
+        _, caption = metadata(members)
+    except SampleProblem as problem:
+        return [_drop(key, INPUT, str(problem))], 0.0
     ext = next((e for e in VIDEO_EXTS if e in members), None)
     if ext is None:
         kind = "image" if any(e in members for e in IMAGE_EXTS) else "no media file"
         # The filters judge videos; images need their own chain (not built yet).
-        return {"key": key, "keep": False, "dropped_by": "media", "seconds": 0.0,
-                "reason": f"{kind}: no {'/'.join(VIDEO_EXTS)} member "
-                          f"(has {', '.join(sorted(members))})"}
+        return [_drop(key, "media", f"{kind}: no {'/'.join(VIDEO_EXTS)} member "
+                                    f"(has {', '.join(sorted(members))})")], 0.0
     # Clip and PySceneDetect open files by path, so the member goes to a temp file.
     path = os.path.join(tmp, f"sample.{ext}")
     with open(path, "wb") as f:
         f.write(members[ext])
     clip = Clip(path, caption, analysis_fps=analysis["fps"], max_side=analysis["max_side"],
                 key=key)
-    result = run_filters(clip, chain)
-    seconds = result.scores.get("duration", 0.0)
-    # Decoder messages name the temp file: drop it so reasons repeat across runs and group.
-    reason = result.reason.replace(path, f"<{ext} member>")
-    record = {"key": key, "keep": result.keep, "dropped_by": result.dropped_by,
-              "reason": reason, "seconds": seconds if seconds == seconds else 0.0}
-    if result.keep:
-        record.update(caption=caption, scores=result.scores,
-                      start=round(result.start_s, 3), end=round(result.end_s, 3))
-    return record
+    results = run_filters(clip, chain)
+    source_seconds = _finite(results[0].scores.get("duration", 0.0))  # the probe's
+    records = []
+    for result in results:
+        record = _drop(key, result.dropped_by, result.reason) if not result.keep else \
+            {"key": key, "source": key, "keep": True, "dropped_by": None, "reason": "ok"}
+        seconds = source_seconds
+        if result.shot is not None:
+            start, end = result.scores["shot"]
+            record.update(key=f"{key}_s{result.shot}", shot=result.shot,
+                          split_by=result.split_by)
+            seconds = end - start
+        # Decoder messages name the temp file: drop it so reasons repeat across runs and group.
+        record.update(reason=record["reason"].replace(path, f"<{ext} member>"),
+                      seconds=round(seconds, 3))
+        if result.keep:
+            record.update(caption=caption, scores=result.scores,
+                          start=round(result.start_s, 3), end=round(result.end_s, 3))
+        records.append(record)
+    return records, source_seconds
+
+
+def _drop(key: str, stage: str, reason: str) -> dict:
+    return {"key": key, "source": key, "keep": False, "dropped_by": stage, "reason": reason,
+            "seconds": 0.0}
+
+
+def _finite(seconds: float) -> float:
+    return seconds if seconds == seconds and abs(seconds) != float("inf") else 0.0
 
 
 def dedup_and_balance(works: Sequence[dict], specs: Sequence[Mapping],
@@ -227,89 +242,40 @@ def kept_records(works: Sequence[dict]) -> Iterator[dict]:
     return (r for work in works for r in work["samples"] if r["keep"])
 
 
-def write_curated_shard(raw: str | Mapping, out: str, records: Sequence[dict]) -> str:
-    """Pass 3: the kept samples among `records` (pass-2 results of `raw`) into `out`;
-    their json is the original json plus scores, clip start/end, weight and cluster.
-    Skipped when `out` exists (write_shard renames a complete tar into place)."""
-    if os.path.exists(out):
-        return out
-    fields = ("scores", "start", "end", "weight", "cluster", "orientation", "aspect_factor")
-    added = {r["key"]: {k: r[k] for k in fields if k in r} for r in records if r["keep"]}
-    samples, _ = read_raw_shard(raw)
+def write_curated_shard(raw: str | Mapping, out: str, stamp: str, work: Mapping,
+                        max_member_bytes: int) -> str | None:
+    """Pass 3: the kept samples of `work` (pass-2 results of `raw`) into `out`; their json
+    is the original json plus scores, start/end, weight and cluster. None when written,
+    or found written before from the same results (`stamp` holds their digest); else
+    why it was not written (a shard error: then `out` is left as it was)."""
+    kept: dict[str, list[dict]] = {}
+    for record in work["samples"]:
+        if record["keep"]:
+            kept.setdefault(record["source"], []).append(record)
+    added = {r["key"]: {k: r[k] for k in ADDED if k in r} for rs in kept.values() for r in rs}
+    digest = hashlib.sha1(json.dumps([work["identity"], added], sort_keys=True).encode())
+    digest = digest.hexdigest()
+    if os.path.exists(out) and os.path.exists(stamp) and read_json(stamp) == digest:
+        return None
+    if source_identity(raw) != work["identity"]:
+        return f"{work['shard']} changed since pass 1 judged it: rerun to judge it again"
 
     def curated():
-        for key, members in samples:
-            if key in added:
-                meta, _ = _metadata(members)
-                yield {"__key__": key, **{e: d for e, d in members.items() if e != "json"},
-                       "json": {**meta, **added[key]}}
+        for sample in raw_samples(raw, max_member_bytes, wanted=set(kept)):
+            if sample.problem:  # pass 1 kept it: its bytes changed under the same identity
+                raise TarReadError(f"{work['shard']}: sample {sample.key} changed since "
+                                   f"pass 1: {sample.problem}")
+            meta, _ = metadata(sample.members)
+            media = {e: d for e, d in sample.members.items() if e != "json"}
+            for record in kept[sample.key]:
+                yield {"__key__": record["key"], **media, "json": {**meta, **added[record["key"]]}}
 
-    write_shard(out, curated())
-    return out
-
-
-def funnel(works: Sequence[dict], specs: Sequence[Mapping]) -> dict:
-    """The report: totals in/out and, per stage in chain order, samples and hours removed
-    with reason counts (numbers and keys folded out of the reasons so they group)."""
-    stages = ["media", *[s["name"] for s in specs if s["name"] != DEDUP]]
-    stages += [DEDUP] if any(s["name"] == DEDUP for s in specs) else []
-    removed = {name: {"samples": 0, "hours": 0.0, "reasons": Counter()} for name in stages}
-    records = [r for work in works for r in work["samples"]]
-    for r in records:
-        if not r["keep"]:
-            row = removed[r["dropped_by"]]
-            row["samples"] += 1
-            row["hours"] += r["seconds"] / 3600
-            row["reasons"][_reason_kind(r["reason"])] += 1
-    kept = [r for r in records if r["keep"]]
-    for row in removed.values():
-        row["hours"] = round(row["hours"], 6)
-        row["reasons"] = dict(row["reasons"].most_common())
-    return {
-        "samples_in": len(records), "samples_out": len(kept),
-        "hours_in": round(sum(r["seconds"] for r in records) / 3600, 6),
-        "hours_out": round(sum(r["end"] - r["start"] for r in kept) / 3600, 6),
-        "shard_errors": {w["shard"]: w["error"] for w in works if w["error"]},
-        "filters": removed,
-    }
-
-
-def _reason_kind(reason: str) -> str:
-    if reason.startswith("near-duplicate of "):
-        return "near-duplicate"
-    return re.sub(r"(?<![A-Za-z])\d+(\.\d+)?", "N", reason)[:120]
-
-
-def funnel_table(report: Mapping) -> str:
-    """The funnel as a markdown table: samples left after each stage; then the aspect mix."""
-    left = report["samples_in"]
-    lines = [f"Curation funnel: {report['samples_in']} samples "
-             f"({report['hours_in']:.4f} h) in, {report['samples_out']} "
-             f"({report['hours_out']:.4f} h) out", "",
-             "| stage | removed | hours removed | left | reasons |", "|---|---|---|---|---|"]
-    for name, row in report["filters"].items():
-        left -= row["samples"]
-        reasons = "; ".join(f"{k} ({n})" for k, n in row["reasons"].items())
-        reasons = reasons.replace("|", "\\|")  # a bare | would split the table cell
-        lines.append(f"| {name} | {row['samples']} | {row['hours']:.4f} | {left} | {reasons} |")
-    if report.get("aspect_mix"):
-        lines += ["", aspect_line(report["aspect_mix"])]
-    return "\n".join(lines)
-
-
-def aspect_line(mix: Mapping) -> str:
-    """One line: the landscape:portrait share of expected samples before/after the mix."""
-    def pair(share):
-        return "n/a" if share is None else f"{share:.1%}:{1 - share:.1%}"
-
-    clips, factors = mix["clips"], mix["factors"]
-    return (f"Aspect mix, landscape:portrait share of samples per epoch: "
-            f"{pair(mix['landscape_before'])} -> {pair(mix['landscape_after'])} (target "
-            f"{pair(mix['target_landscape'])}; weight factors landscape x"
-            f"{factors['landscape']:.3f}, portrait x{factors['portrait']:.3f}, at most "
-            f"x{mix['max_factor']:g} apart; clips {clips['landscape']} landscape, "
-            f"{clips['portrait']} portrait, {clips['square']} square counted as "
-            f"{mix['squares']})")
+    try:
+        write_shard(out, curated())  # renamed into place only once complete
+    except TarReadError as err:
+        return str(err)
+    write_json(stamp, digest)
+    return None
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

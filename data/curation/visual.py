@@ -16,11 +16,15 @@ from .clip import Clip, Decision
 
 @dataclass
 class SceneCutFilter:
-    """PySceneDetect ContentDetector cuts; drops clips with too many cuts per second.
+    """PySceneDetect ContentDetector cuts: drops shaky clips (too many cuts per second)
+    and splits the rest into their single shots (Movie Gen trains on single-shot clips,
+    arXiv 2410.13720 §3.2.1, pre-training data).
 
-    Scores hold the cut times and the single-shot segments (`shots`, [start, end] in
-    source seconds, each at least `min_shot_s` long) so a job can split a source into
-    single-shot clips.
+    The pieces between cuts that last at least `min_shot_s` are the shots
+    (`Decision.split`): each goes through the later filters as a clip of its own. Scores
+    hold the cut times and the shots ([start, end] in source seconds). Put the duration
+    filter after this one so that its limits, and its skip of the source's first
+    seconds, apply to each shot rather than to the whole source.
     """
 
     threshold: float = 27.0
@@ -31,16 +35,25 @@ class SceneCutFilter:
 
     def cuts(self, clip: Clip) -> list[float]:
         """Cut times in source seconds within the clip window."""
-        from scenedetect import ContentDetector, detect  # slow import; only when used
+        # Slow imports; only when used.
+        from scenedetect import ContentDetector, FrameTimecode, SceneManager
+        from scenedetect.backends.pyav import VideoStreamAv
 
+        # suppress_output: else PySceneDetect hands libav's log back to its default
+        # callback, which prints every later decoder message of this process to stderr.
+        video = VideoStreamAv(clip.path, suppress_output=True)
+        if clip.start_s > 0:
+            video.seek(FrameTimecode(clip.start_s, video.frame_rate))
         # A float means seconds to PySceneDetect (an int would mean frames).
-        detector = ContentDetector(self.threshold, min_scene_len=float(self.min_scene_s))
-        scenes = detect(
-            clip.path, detector, start_time=clip.start_s, end_time=clip.end_s, backend="pyav"
-        )
-        return [round(start.seconds, 3) for start, _ in scenes[1:]]
+        manager = SceneManager()
+        manager.add_detector(ContentDetector(self.threshold, min_scene_len=float(self.min_scene_s)))
+        manager.detect_scenes(video=video, end_time=FrameTimecode(clip.end_s, video.frame_rate))
+        return [round(start.seconds, 3) for start, _ in manager.get_scene_list()[1:]]
 
     def __call__(self, clip: Clip) -> Decision:
+        if clip.duration < self.min_shot_s:  # spares the decode: no shot can be long enough
+            return Decision(False, f"no shot of {self.min_shot_s}s: the clip lasts "
+                                   f"{clip.duration:.2f}s", {"cuts": [], "shots": []})
         cuts = self.cuts(clip)
         bounds = [clip.start_s, *cuts, clip.end_s]
         shots = [
@@ -52,7 +65,9 @@ class SceneCutFilter:
         scores = {"cuts": cuts, "cuts_per_s": round(rate, 4), "shots": shots}
         if rate > self.max_cuts_per_s:
             return Decision(False, f"too many cuts: {rate:.2f}/s > {self.max_cuts_per_s}/s", scores)
-        return Decision(True, "ok", scores)
+        if not shots:
+            return Decision(False, f"no shot of {self.min_shot_s}s between the cuts", scores)
+        return Decision(True, "ok", scores, split=tuple((a, b) for a, b in shots))
 
 
 @dataclass
