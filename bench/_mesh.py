@@ -139,6 +139,7 @@ def measured_step(cfg, ctx, model) -> dict[str, float]:
     """One forward + flow-matching loss + backward (no optimizer) of the config's batch under
     the meters: bytes saved inside the DiT blocks and in all, peak live bytes, RSS, time."""
     from trainer.build import build_autoencoder, build_flow
+    from trainer.draws import StepDraws
     from trainer.objective import flow_matching_loss
 
     autoencoder, flow = build_autoencoder(cfg, ctx.device), build_flow(cfg)
@@ -153,7 +154,7 @@ def measured_step(cfg, ctx, model) -> dict[str, float]:
     began = time.perf_counter()
     with LiveBytes() as live, saved:
         loss = flow_matching_loss(model, autoencoder, flow, video, captions,
-                                  torch.Generator().manual_seed(0))
+                                  StepDraws(0, 1, ctx.device))
         loss.backward()
     return {"seconds": time.perf_counter() - began, "saved_blocks": saved.by_region["blocks"],
             "saved": saved.total, "live": live.peak, "rss_before": rss_before,

@@ -73,6 +73,17 @@ def meta_number(meta: dict, name: str, default: float | None) -> float | None:
     return value
 
 
+def check_caption(caption: str) -> str:
+    """The caption, if a text encoder can take it. A lone UTF-16 surrogate ("\\ud800" in
+    JSON) decodes to a str with no UTF-8 form; every tokenizer encodes to UTF-8 first, so it
+    would fail inside the training step, and again on every resume at the same batch."""
+    try:
+        caption.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise Skip("bad_caption", f"{err.reason} at character {err.start}") from err
+    return caption
+
+
 def decode_video(data: bytes, meta: dict, fps: float,
                  grid: BucketGrid) -> tuple[np.ndarray, Bucket]:
     """Video bytes -> uint8 frames (T, H, W, 3) sampled at `fps` from the clip start.

@@ -3,7 +3,8 @@
 autoencoder or frozen text encoder (arXiv 2410.13720 §6).
 
 Cache format, one shard per raw shard with the same file name and sample order:
-``KEY.safetensors`` holds ``latent`` (C, T', H', W') and, per text encoder ``NAME``,
+``KEY.safetensors`` holds ``latent`` (C, T', H', W') (a preference pair: ``latent_win``
+and ``latent_lose``, data/preference_shards.py) and, per text encoder ``NAME``,
 ``text.NAME.states`` (L, E) and ``text.NAME.mask`` (L,) bool; ``KEY.json`` holds the raw
 sample's metadata with ``caption`` (as encoded: the FPS tag included), ``fps``,
 ``bucket`` [T, H, W] (the pixel bucket the raw shards put the sample in), ``latent_shape``
@@ -44,9 +45,11 @@ def text_tensors(text: Encoded) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def pack_sample(latent: torch.Tensor, text: Encoded) -> bytes:
-    """latent (C, T', H', W') and one sample's text encodings -> safetensors bytes."""
-    return save({"latent": latent.contiguous(), **text_tensors(text)})
+def pack_sample(latents: dict[str, torch.Tensor], text: Encoded) -> bytes:
+    """{name: latent (C, T', H', W')} (``latent``, or a pair's ``latent_win`` and
+    ``latent_lose``) and one sample's text encodings -> safetensors bytes."""
+    return save({**{name: latent.contiguous() for name, latent in latents.items()},
+                 **text_tensors(text)})
 
 
 def unpack_text(tensors: dict[str, torch.Tensor]) -> Encoded:
@@ -58,11 +61,12 @@ def unpack_text(tensors: dict[str, torch.Tensor]) -> Encoded:
 
 
 def collate_latents(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Samples of one bucket -> latent (B, C, T', H', W'), text {name: (states (B, L, E),
-    mask (B, L))}, fps (B,), caption, key."""
+    """Samples of one bucket -> latent (B, C, T', H', W') (each of a pair's latents), text
+    {name: (states (B, L, E), mask (B, L))}, fps (B,), caption, key."""
     names = samples[0]["text"]
+    latents = [name for name in samples[0] if name.startswith("latent")]
     return {
-        "latent": torch.stack([s["latent"] for s in samples]),
+        **{name: torch.stack([s[name] for s in samples]) for name in latents},
         "text": {name: (torch.stack([s["text"][name][0] for s in samples]),
                         torch.stack([s["text"][name][1] for s in samples])) for name in names},
         "fps": torch.tensor([float(s["fps"]) for s in samples]),
@@ -75,6 +79,7 @@ class LatentShards(VideoShards):
     """VideoShards over cache shards: batches of latents and text encodings."""
 
     collate = staticmethod(collate_latents)
+    latent_names: tuple[str, ...] = ("latent",)  # the latents each sample holds
 
     def load_sample(self, key: str, members: dict[str, bytes],
                     epoch: int) -> tuple[dict[str, Any] | None, int]:
@@ -90,13 +95,14 @@ class LatentShards(VideoShards):
         try:
             bucket = Bucket(*(int(n) for n in meta["bucket"]))
             tensors = load(members["safetensors"])
-            latent, text = tensors["latent"], unpack_text(tensors)
+            latents = {name: tensors[name] for name in self.latent_names}
+            text = unpack_text(tensors)
         except (KeyError, TypeError, ValueError, SafetensorError) as err:
             raise Skip("bad_cache_sample", repr(err)) from err
         if bucket not in self.grid.shapes():
             raise Skip("bucket_not_in_grid", f"bucket {bucket} is not one of data.sizes x "
                                              f"data.durations")
-        return {"latent": latent, "text": text, "fps": meta.get("fps", self.fps),
+        return {**latents, "text": text, "fps": meta.get("fps", self.fps),
                 "caption": meta["caption"], "key": key, "bucket": bucket}, copies
 
 

@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
 from data.buckets import Bucket, BucketGrid
-from data.decode import Skip, decode_image, decode_video, meta_number
+from data.decode import Skip, check_caption, decode_image, decode_video, meta_number
 from data.loader import collate
 from data.video import uint8_to_video
 
@@ -90,6 +90,17 @@ def read_meta(members: dict[str, bytes]) -> dict[str, Any]:
     if not isinstance(meta, dict):
         raise Skip("bad_json", f"expected an object, got {type(meta).__name__}")
     return meta
+
+
+def read_caption(members: dict[str, bytes], meta: dict[str, Any]) -> str:
+    """The sample's caption: its ``txt`` member, else its json ``caption``; raises
+    Skip("missing_caption") when neither holds text, Skip("bad_caption") when it cannot be
+    encoded (``check_caption``)."""
+    caption = members["txt"].decode("utf-8", "replace") if "txt" in members \
+        else meta.get("caption")
+    if not isinstance(caption, str) or not caption.strip():
+        raise Skip("missing_caption")
+    return check_caption(caption)
 
 
 def expand_shards(pattern: str | list[str], key: str = "data.shards") -> list[str]:
@@ -184,10 +195,7 @@ class VideoShards(IterableDataset):
         if not all(members.values()):
             raise Skip("empty_member", str([e for e, d in members.items() if not d]))
         meta = read_meta(members)
-        caption = members["txt"].decode("utf-8", "replace") if "txt" in members \
-            else meta.get("caption")
-        if not isinstance(caption, str) or not caption.strip():
-            raise Skip("missing_caption")
+        caption = read_caption(members, meta)
         copies = self.copies(key, meta, epoch)
         if not copies:
             return None, 0

@@ -66,6 +66,8 @@ class DiTConfig:
                              f"model.heads={self.heads}; pick heads that divide the width")
         if self.time_freq_dim % 2:
             raise ValueError(f"model.time_freq_dim={self.time_freq_dim} must be even")
+        if not 0 < self.rope_theta < math.inf:
+            raise ValueError(f"model.rope_theta={self.rope_theta} must be a finite number > 0")
         if self.rope and ((self.width // self.heads) % 2 or self.width // self.heads < 6):
             raise ValueError(f"model.rope=true needs an even head dimension >= 6, but "
                              f"model.width / model.heads = {self.width // self.heads}")

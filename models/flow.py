@@ -16,6 +16,11 @@ def _expand(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, *([1] * (like.dim() - 1))).to(like.dtype)
 
 
+def _device(generator: torch.Generator | None) -> torch.device | None:
+    """Draw on the generator's device (a CUDA generator cannot fill a CPU tensor)."""
+    return None if generator is None else generator.device
+
+
 @dataclass
 class FlowMatching:
     sigma_min: float = 1e-5
@@ -36,15 +41,17 @@ class FlowMatching:
         a sample's overall brightness or colour. Sampling still starts from N(0, I).
         o = 0 draws exactly what plain training draws (eps only), so the run is unchanged.
         """
-        x0 = torch.randn(shape, generator=generator)
+        device = _device(generator)
+        x0 = torch.randn(shape, generator=generator, device=device)
         if self.noise_offset:
-            delta = torch.randn((*shape[:2], *[1] * (len(shape) - 2)), generator=generator)
+            delta = torch.randn((*shape[:2], *[1] * (len(shape) - 2)), generator=generator,
+                                device=device)
             x0 = x0 + self.noise_offset * delta
         return x0
 
     def sample_t(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Training times, logit-normal(t_mean, t_std): (batch,) in (0, 1)."""
-        normal = torch.randn(batch, generator=generator)
+        normal = torch.randn(batch, generator=generator, device=_device(generator))
         return torch.sigmoid(self.t_mean + self.t_std * normal)
 
     def interpolate(self, x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -66,12 +66,12 @@ def decoded_pair(flow: FlowMatching, x0: torch.Tensor, x1: torch.Tensor, t: torc
 def draw_windows(generator: torch.Generator, count: int, size: tuple[int, int, int],
                  window: tuple[int, int, int]) -> torch.Tensor:
     """(count, 3) start indices along (T', H', W') of a ``window``-sized box inside a latent
-    of ``size``, uniform per sample. Drawn for the global batch (rows are sliced after),
-    so every mesh and a resumed run see the same windows."""
+    of ``size``, uniform per sample, on the generator's device."""
     for n, k in zip(size, window, strict=True):
         if not 0 < k <= n:
             raise ValueError(f"window {window} does not fit inside the latent {size}")
-    return torch.stack([torch.randint(0, n - k + 1, (count,), generator=generator)
+    return torch.stack([torch.randint(0, n - k + 1, (count,), generator=generator,
+                                      device=generator.device)
                         for n, k in zip(size, window, strict=True)], dim=1)
 
 
@@ -85,14 +85,22 @@ def take_windows(x: torch.Tensor, starts: torch.Tensor,
                         for i, (a, b, c) in enumerate(starts.tolist())])
 
 
-def pixel_space_loss(decode: Decode, reference: torch.Tensor,
-                     prediction: torch.Tensor) -> torch.Tensor:
-    """mean over pixels of (D(prediction) − D(reference))², an fp32 scalar. D(reference)
-    does not depend on the model, so it is decoded without grad (nothing kept for
-    backward); gradients reach the model through D(prediction)."""
+def pixel_space_errors(decode: Decode, reference: torch.Tensor,
+                       prediction: torch.Tensor) -> torch.Tensor:
+    """(B,) mean over each sample's pixels of (D(prediction) − D(reference))², fp32.
+    D(reference) does not depend on the model, so it is decoded without grad (nothing kept
+    for backward); gradients reach the model through D(prediction)."""
     with torch.no_grad():
         expected = _wide(decode(reference))
-    return torch.mean((_wide(decode(prediction)) - expected) ** 2)
+    error = (_wide(decode(prediction)) - expected) ** 2
+    return error.reshape(error.shape[0], -1).mean(dim=1)
+
+
+def pixel_space_loss(decode: Decode, reference: torch.Tensor,
+                     prediction: torch.Tensor) -> torch.Tensor:
+    """The mean of ``pixel_space_errors``: every sample decodes the same window, so this is
+    the mean over all pixels of the batch, an fp32 scalar."""
+    return pixel_space_errors(decode, reference, prediction).mean()
 
 
 def decoder_blocks(autoencoder: nn.Module) -> list[nn.Module]:

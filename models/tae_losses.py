@@ -44,7 +44,7 @@ class TAELossConfig:
 
     def __post_init__(self) -> None:
         for name in ("l1_weight", "l2_weight", "kl_weight", "opl_weight", "opl_r",
-                     "disc_weight", "adaptive_weight_max"):
+                     "disc_weight", "adaptive_weight_max", "disc_start"):
             if getattr(self, name) < 0:
                 raise ValueError(f"recipe.loss.{name}={getattr(self, name)} must be >= 0")
         if self.l1_weight == self.l2_weight == 0:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from models.attention import SelfAttention, SwiGLU
+from models.pretrained_text import EncoderSettingError
 
 
 class ByteTokenizer:
@@ -25,7 +26,7 @@ class ByteTokenizer:
 
     def __init__(self, max_length: int):
         if max_length < 2:
-            raise ValueError(f"text max_length={max_length} must be at least 2 (bytes + eos)")
+            raise EncoderSettingError("max_length", max_length, "must be at least 2 (bytes + eos)")
         self.max_length = max_length
 
     def __call__(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,8 +64,12 @@ class ByteTextEncoder(nn.Module):
     def __init__(self, dim: int, depth: int, heads: int, ffn_dim: int, max_length: int,
                  trainable: bool = True, shard: bool = True):
         super().__init__()
+        for key, value, least in (("dim", dim, 1), ("heads", heads, 1), ("ffn_dim", ffn_dim, 1),
+                                  ("depth", depth, 0)):
+            if value < least:
+                raise EncoderSettingError(key, value, f"must be >= {least}")
         if dim % heads:
-            raise ValueError(f"text encoder dim={dim} is not divisible by heads={heads}")
+            raise EncoderSettingError("dim", dim, f"is not divisible by heads={heads}")
         self.dim = dim
         self.trainable, self.shard = trainable, shard
         self.tokenizer = ByteTokenizer(max_length)

@@ -10,19 +10,26 @@ feeds them the same sample.
 
 The launcher is read from the environment: torchrun (RANK, WORLD_SIZE, LOCAL_RANK), SLURM
 (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID) or none (one process, no process group).
-The backend follows the device: nccl on cuda, gloo on cpu.
+The backend follows the device: nccl on cuda, gloo on cpu. On cuda the world group is
+bound to this rank's GPU (``device_id``), so NCCL connects eagerly and every mesh group
+is split from it (``ncclCommSplit``: one call per mesh dim) instead of bootstrapping each
+communicator through the store. Every group gets ``parallel.timeout_minutes``.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 MESH_DIMS = ("dp_replicate", "dp_shard", "cp", "tp")
+FLATTENED = {"dp": ("dp_replicate", "dp_shard"), "dp_shard_cp": ("dp_shard", "cp"),
+             "dp_cp": ("dp_replicate", "dp_shard", "cp")}
 
 
 @dataclass(frozen=True)
@@ -159,25 +166,57 @@ def backend_for(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
-def init_parallel(dims: MeshDims, device_type: str = "cpu") -> ParallelContext:
+def bind_device(device_type: str, local_rank: int) -> torch.device:
+    """This rank's device: on cuda GPU ``local_rank % device_count`` (one GPU per task on
+    sites that hide the others: every task then sees its GPU as 0)."""
+    if device_type != "cuda":
+        return torch.device(device_type)
+    count = torch.cuda.device_count()
+    if count == 0:
+        raise ValueError("trainer.device=cuda but no CUDA device is visible; use "
+                         "trainer.device=cpu or check CUDA_VISIBLE_DEVICES")
+    device = torch.device("cuda", local_rank % count)
+    torch.cuda.set_device(device)
+    return device
+
+
+def group_options(backend: str, timeout: timedelta):
+    """Backend options that carry ``timeout`` to the mesh's sub-groups (they would
+    otherwise get the backend's default, not the world group's)."""
+    options = (dist.ProcessGroupNCCL.Options() if backend == "nccl"
+               else dist.ProcessGroupGloo._Options())
+    options._timeout = timeout
+    return options
+
+
+def init_parallel(dims: MeshDims, device_type: str = "cpu",
+                  timeout_minutes: float = 30.0) -> ParallelContext:
     """Start the process group (if launched with several processes) and build the mesh."""
     env = read_launch_env()
     dims = dims.resolved(env.world_size)
-    if device_type == "cuda":
-        torch.cuda.set_device(env.local_rank)
-        device = torch.device("cuda", env.local_rank)
-    else:
-        device = torch.device(device_type)
+    device = bind_device(device_type, env.local_rank)
     if env.world_size == 1:
         return ParallelContext(dims, 0, 1, device)
+    backend, timeout = backend_for(device), timedelta(minutes=timeout_minutes)
     if not dist.is_initialized():
-        dist.init_process_group(backend_for(device), rank=env.rank, world_size=env.world_size)
-    mesh = init_device_mesh(device.type, dims.shape, mesh_dim_names=MESH_DIMS)
+        dist.init_process_group(backend, rank=env.rank, world_size=env.world_size,
+                                timeout=timeout,
+                                device_id=device if device.type == "cuda" else None)
+    options = group_options(backend, timeout)
+
+    def override(size: int):
+        # a group spanning the world reuses the world group (no new communicator)
+        return None if size == env.world_size else options
+
+    mesh = init_device_mesh(device.type, dims.shape, mesh_dim_names=MESH_DIMS,
+                            backend_override={name: options for name, size in
+                                              zip(MESH_DIMS, dims.shape, strict=True)
+                                              if size != env.world_size})
     # Flattened views are kept here: slicing them back out of the root mesh is deprecated.
     named = {name: mesh[name] for name in MESH_DIMS}
-    named["dp"] = mesh["dp_replicate", "dp_shard"]._flatten("dp")
-    named["dp_shard_cp"] = mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
-    named["dp_cp"] = mesh["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")
+    for name, parts in FLATTENED.items():
+        size = math.prod(dims.shape[MESH_DIMS.index(part)] for part in parts)
+        named[name] = mesh[parts]._flatten(name, backend_override=override(size))
     named["hsdp"] = DeviceMesh._concatenate([named["dp_replicate"], named["dp_shard_cp"]])
     return ParallelContext(dims, env.rank, env.world_size, device, mesh, named)
 

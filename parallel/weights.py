@@ -33,6 +33,8 @@ from models.dit import PositionEmbedding
 from models.init import initial_value
 from parallel.checkpoint import TENSORS_DIR
 from parallel.deepspeed_engine import CHECKPOINT_TAG
+from parallel.manifest import fsync
+from parallel.quiet import single_process_checkpoint_io
 
 Spec = tuple[torch.Size, torch.dtype]
 
@@ -89,7 +91,8 @@ class CheckpointWeights:
         key = self.keys[name]
         shape, dtype = self.specs[name]
         out = torch.empty(shape, dtype=dtype)
-        dcp.load({key: out}, storage_reader=self.reader, no_dist=True)
+        with single_process_checkpoint_io():  # every rank reads whole tensors on its own
+            dcp.load({key: out}, storage_reader=self.reader, no_dist=True)
         return out
 
 
@@ -158,6 +161,7 @@ def write_safetensors(path: Path, specs: dict[str, Spec],
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+        fsync(path.parent)  # the rename itself survives a crash
     finally:
         tmp.unlink(missing_ok=True)
     return path

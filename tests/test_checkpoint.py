@@ -1,7 +1,10 @@
+import json
+
 import pytest
 import torch
 
 from parallel.checkpoint import MANIFEST_FILE, Checkpointer
+from parallel.manifest import balanced_shares
 
 STATE_FILE = "state.pt"
 
@@ -71,3 +74,87 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     ckpt.save(3, writer(3))  # the next save clears the half-written directory
     assert not list(tmp_path.glob(".tmp-*"))
     assert load_latest(ckpt)[1]["step"] == 3
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_keep_last_counts_only_intact_checkpoints(tmp_path, damage):
+    """A damaged newer step_N (here: the run resumed from step 20 because step 30 is
+    broken) must not push the good checkpoints out: it counts for nothing."""
+    first = Checkpointer(tmp_path, keep_last=2)
+    for step in (10, 20, 30):
+        first.save(step, writer(step))
+    broken = tmp_path / "step_00000030" / STATE_FILE
+    data = broken.read_bytes()
+    broken.write_bytes(data[: len(data) // 2] if damage == "truncate"
+                       else data[:-9] + bytes([data[-9] ^ 0xFF]) + data[-8:])
+    resumed = Checkpointer(tmp_path, keep_last=2)
+    assert load_latest(resumed)[1]["step"] == 20
+    resumed.save(25, writer(25))
+    assert [p.name for p in resumed.step_dirs()] == ["step_00000025", "step_00000020"]
+    resumed.save(26, writer(26))
+    assert [p.name for p in resumed.step_dirs()] == ["step_00000026", "step_00000025"]
+    assert load_latest(Checkpointer(tmp_path, keep_last=2))[1]["step"] == 26
+
+
+def test_keep_steps_survive_rotation_and_damage_elsewhere(tmp_path):
+    ckpt = Checkpointer(tmp_path, keep_last=1)
+    ckpt.keep_steps = {1}
+    for step in (1, 2, 3):
+        ckpt.save(step, writer(step))
+    assert [p.name for p in ckpt.step_dirs()] == ["step_00000003", "step_00000001"]
+
+
+def test_manifest_lists_every_file_whoever_claims_it(tmp_path):
+    """Files a writer claims are hashed by its rank; unclaimed ones by an even split:
+    the manifest is the same either way."""
+    def claiming(directory):
+        torch.save(state(1), directory / STATE_FILE)
+        (directory / "extra").mkdir()
+        (directory / "extra" / "other.bin").write_bytes(b"x" * 100)
+        return [directory / STATE_FILE]
+
+    claimed = Checkpointer(tmp_path / "a", keep_last=1).save(1, claiming)
+    unclaimed = Checkpointer(tmp_path / "b", keep_last=1).save(
+        1, lambda directory: claiming(directory) and None)
+    manifests = [json.loads((p / MANIFEST_FILE).read_text()) for p in (claimed, unclaimed)]
+    assert manifests[0] == manifests[1]
+    assert sorted(manifests[0]["files"]) == ["extra/other.bin", STATE_FILE]
+    assert Checkpointer.verify(claimed) is None
+
+
+def test_balanced_shares_split_bytes_evenly_and_deterministically():
+    sizes = {f"f{i}": size for i, size in enumerate([100, 90, 50, 40, 30, 10, 10])}
+    shares = balanced_shares(sizes, 3)
+    assert sorted(n for share in shares for n in share) == sorted(sizes)
+    loads = [sum(sizes[n] for n in share) for share in shares]
+    assert max(loads) - min(loads) <= 20
+    assert shares == balanced_shares(dict(reversed(sizes.items())), 3)
+    assert balanced_shares({}, 2) == [[], []]
+
+
+def test_async_save_in_one_process_publishes_the_saved_step_after_the_write(tmp_path):
+    """dcp.async_save copies the state before returning: later updates do not reach the
+    checkpoint, which is published (manifest, rename) only by ``wait``."""
+    from parallel.checkpoint import load_training_state, save_training_state
+
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.ones(2, 4)).sum().backward()
+    optimizer.step()
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    ema = {"weight": saved["weight"].clone()}
+    ckpt = Checkpointer(tmp_path, keep_last=1)
+    final = ckpt.save(1, lambda d: save_training_state(d, model, optimizer, ema,
+                                                       {"step": 1}, asynchronous=True))
+    assert not final.exists()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(1.0)
+        ema["weight"].add_(1.0)
+    assert ckpt.wait() == final and Checkpointer.verify(final) is None
+    assert ckpt.wait() is None  # nothing pending any more
+    fresh = torch.nn.Linear(4, 3)
+    fresh_ema = {"weight": torch.zeros(3, 4)}
+    assert load_training_state(final, fresh, None, fresh_ema) == {"step": 1}
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in saved.items())
+    assert torch.equal(fresh_ema["weight"], saved["weight"])

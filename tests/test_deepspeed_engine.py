@@ -79,9 +79,9 @@ def tensors_in(state) -> list[torch.Tensor]:
 
 def run_case(ctx, name: str, directory: Path) -> dict:
     from trainer.build import build_autoencoder, build_flow, build_model
+    from trainer.draws import StepDraws
     from trainer.objective import flow_matching_loss
     from trainer.optim import build_optimizer
-    from trainer.train import step_generator
 
     stage, offload_optimizer, offload_params = CASES[name]
     cfg = compose_train(BASE + [f"parallel.zero_stage={stage}"])
@@ -114,7 +114,7 @@ def run_case(ctx, name: str, directory: Path) -> dict:
         """The whole batch in one process; the loss, norm and gradients before clipping."""
         ref_optimizer.zero_grad(set_to_none=True)
         loss = flow_matching_loss(reference, autoencoder, flow, videos[step - 1], CAPTIONS,
-                                  step_generator(seed, step), recipe.caption_dropout)
+                                  StepDraws(seed, step), recipe.caption_dropout)
         norm, grads = math.nan, {}
         if not kind.startswith("nan"):
             loss.backward()
@@ -130,8 +130,8 @@ def run_case(ctx, name: str, directory: Path) -> dict:
         """The trainer's step on this rank's rows; the global loss, norm, allow_update calls."""
         engine.zero_grad()
         loss = flow_matching_loss(engine.module, autoencoder, flow, videos[step - 1][rows],
-                                  CAPTIONS[rows], step_generator(seed, step),
-                                  recipe.caption_dropout, rows, recipe.batch_size)
+                                  CAPTIONS[rows], StepDraws(seed, step),
+                                  recipe.caption_dropout, rows)
         if kind.startswith("nan") and ctx.rank == 0:
             loss = loss * math.nan
         value, norm, asked = ctx.mean_over_dp(loss), math.nan, []

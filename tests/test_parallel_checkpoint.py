@@ -4,9 +4,13 @@ checkpoints of any mesh average (``trainer.average``) like one process's."""
 
 from __future__ import annotations
 
+import json
+
+import pytest
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
+from parallel.checkpoint import MANIFEST_FILE
 from tests.distributed import run_distributed
 from tests.test_parallel_equivalence import BASE, full
 
@@ -106,3 +110,73 @@ def average_of(root, runs, ema):
     average(AverageConfig(checkpoints=[str(root / run) for run in runs], weights=[1, 3],
                           output=str(output), ema=ema))
     return load_file(output)
+
+
+def in_checkpoint(path) -> str:
+    """A file's path inside its (temporary or published) step directory."""
+    parts = path.parts
+    step = next(i for i, part in enumerate(parts) if part.startswith((".tmp-step_", "step_")))
+    return "/".join(parts[step + 1:])
+
+
+def hashed_by_rank(overrides, directory, asynchronous):
+    """Save (synchronously or with dcp.async_save) then resume: which files this rank
+    hashed at save and at resume, and whether training went on while the write ran."""
+    import torch.distributed as dist
+
+    import parallel.manifest
+    from parallel.checkpoint import Checkpointer, load_training_state, save_training_state
+
+    hashed = []
+    real = parallel.manifest.sha256
+
+    def recording(path):
+        hashed.append(in_checkpoint(path))
+        return real(path)
+
+    parallel.manifest.sha256 = recording
+    engine, ema = build(overrides)
+    engine.zero_grad()
+    for param in engine.params:  # one AdamW step, so there are moments to save
+        param.grad = param.detach() * 0.1 + 0.01
+    engine.clip_and_step(float("inf"), lambda norm: True)
+    checkpointer = Checkpointer(directory, keep_last=2)
+    saved = snapshot(engine, ema)
+    final = checkpointer.save(1, lambda d: save_training_state(
+        d, engine.module, engine.optimizer, ema.state_dict(), {"step": 1}, asynchronous))
+    published_early = final.exists()
+    for param in engine.params:  # the next step changes every weight during the write
+        with torch.no_grad():
+            param.add_(1.0)
+    checkpointer.wait()
+    at_save, hashed[:] = list(hashed), []
+    engine, ema = build(overrides)
+    path = Checkpointer(directory, keep_last=2).latest()
+    load_training_state(path, engine.module, engine.optimizer, ema.state_dict())
+    return {"rank": dist.get_rank(), "at_save": at_save, "at_resume": list(hashed),
+            "published_early": published_early, "saved": saved,
+            "loaded": snapshot(engine, ema)}
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_each_rank_hashes_its_own_files_and_async_saves_publish_after_the_write(
+        tmp_path, asynchronous):
+    """Each rank fsyncs and hashes the DCP shards it wrote (rank 0 also the metadata and
+    trainer state); the manifest is the union; resume splits the checking by bytes. An
+    asynchronous save returns before it is published, keeps the weights of the step that
+    saved it while training changes them, and is published whole once written."""
+    results = run_distributed(hashed_by_rank, 2, ["parallel.dp_shard=2"],
+                              tmp_path / "checkpoints", asynchronous)
+    manifest = json.loads((tmp_path / "checkpoints" / "step_00000001" / MANIFEST_FILE)
+                          .read_text())["files"]
+    for result in results:
+        rank = result["rank"]
+        own = {f"tensors/__{rank}_0.distcp"} | (
+            {"tensors/.metadata", "trainer_state.pt"} if rank == 0 else set())
+        assert set(result["at_save"]) == own, rank
+        assert result["published_early"] != asynchronous
+        assert_equal_snapshots(result["loaded"], result["saved"], f"rank {rank}")
+    assert set().union(*(r["at_save"] for r in results)) == set(manifest)
+    at_resume = [set(r["at_resume"]) for r in results]
+    assert at_resume[0] and at_resume[1] and not at_resume[0] & at_resume[1]
+    assert at_resume[0] | at_resume[1] == set(manifest)

@@ -26,6 +26,7 @@ from tests.conftest import compose_train
 from tests.distributed import run_distributed
 from tests.test_parallel_equivalence import relative_error, run_steps
 from trainer.config import ConfigError, PixelLossConfig, PixelTarget, Precision
+from trainer.draws import StepDraws
 from trainer.pixel_loss import PixelSpaceLoss, check_pixel_loss_fits
 from trainer.run_config import CONF_DIR
 
@@ -98,12 +99,13 @@ def test_linear_decoder_gives_the_latent_closed_form(target, window):
     (t(1 − ct)(v̂ − v))² (noise) or ((1 − ct)(v̂ − v))² (clean) over the decoded window."""
     pixel, flow = identity_loss(target, **window)
     x0, x1, t, v_hat = draws((3, 12, 2, 3, 4))
-    loss = pixel(x0, x1, t, v_hat, torch.Generator().manual_seed(5), slice(0, 3), 3)
+    loss = pixel(x0, x1, t, v_hat, StepDraws(5, 1), slice(0, 3))
     c, tt = 1 - flow.sigma_min, expand(t, x1)
     factor = (tt if target == "noise" else 1) * (1 - c * tt)
     error = factor * (v_hat - flow.target(x0, x1))
     size = pixel.window(tuple(x1.shape[2:]))
-    starts = draw_windows(torch.Generator().manual_seed(5), 3, tuple(x1.shape[2:]), size)
+    starts = StepDraws(5, 1).per_sample("pixel_window", slice(0, 3), lambda g: draw_windows(
+        g, 1, tuple(x1.shape[2:]), size))
     expected = torch.mean(take_windows(error, starts, size) ** 2)
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=0)
     assert 0 < loss
@@ -166,15 +168,15 @@ def test_gradients_reach_the_dit_through_the_frozen_decoder(tae_file):
         for param in model.dit.final.parameters():
             param.normal_(0, 0.02, generator=torch.Generator().manual_seed(2))
     rows, batch = slice(0, 4), video_batch()
-    loss, metrics = task.loss(model, batch, torch.Generator().manual_seed(3), rows, 4, 1)
+    loss, metrics = task.loss(model, batch, StepDraws(3, 1), rows, 4, 1)
     assert loss.item() == pytest.approx(metrics["latent_loss"].item()
                                         + 8 * metrics["pixel_loss"].item(), rel=1e-6)
     # the pixel term alone, on the same draws: its gradient goes through D only
-    generator, drawn = torch.Generator().manual_seed(3), []
+    draws, drawn = StepDraws(3, 1), []
     x1, text = task.latents_and_text(batch)
-    latent_flow_loss(model, task.flow, x1, text, generator, task.cfg.recipe.caption_dropout,
+    latent_flow_loss(model, task.flow, x1, text, draws, task.cfg.recipe.caption_dropout,
                      on_prediction=lambda *d: drawn.append(d))
-    pixel = task.pixel_loss(*drawn[0], generator, rows, 4)
+    pixel = task.pixel_loss(*drawn[0], draws, rows)
     assert torch.equal(pixel, metrics["pixel_loss"])
     model.zero_grad()
     pixel.backward()
@@ -193,8 +195,7 @@ def test_weight_zero_is_plain_training_bitwise(tae_file):
                         ("on", ["weight=8", "frames=1", "crop=[8,8]"])):
         task, model = task_and_model(plain + [f"recipe.pixel_loss.{s}" for s in pixel])
         assert (task.pixel_loss is None) == (name != "on")
-        loss, metrics = task.loss(model, video_batch(), torch.Generator().manual_seed(3),
-                                  slice(0, 4), 4, 1)
+        loss, metrics = task.loss(model, video_batch(), StepDraws(3, 1), slice(0, 4), 4, 1)
         loss.backward()
         runs[name] = (loss, metrics, [p.grad.clone() for p in model.parameters()
                                       if p.grad is not None])
@@ -210,18 +211,18 @@ def test_window_is_drawn_from_the_generator_and_only_it_contributes():
     x0, x1, t, v_hat = draws((4, 8, 3, 4, 2))
     size = tuple(x1.shape[2:])
     assert pixel.window(size) == (1, 2, 1)
-    starts = draw_windows(torch.Generator().manual_seed(9), 4, size, (1, 2, 1))
+    starts = StepDraws(9, 1).per_sample("pixel_window", slice(0, 4),
+                                        lambda g: draw_windows(g, 1, size, (1, 2, 1)))
     assert len({tuple(s) for s in starts.tolist()}) > 1  # a box per sample
     v_hat.requires_grad_()
-    loss = pixel(x0, x1, t, v_hat, torch.Generator().manual_seed(9), slice(0, 4), 4)
+    loss = pixel(x0, x1, t, v_hat, StepDraws(9, 1), slice(0, 4))
     (grad,) = torch.autograd.grad(loss, v_hat)
     inside = torch.zeros_like(grad, dtype=torch.bool)
     for i, (a, b, c) in enumerate(starts.tolist()):
         inside[i, :, a:a + 1, b:b + 2, c:c + 1] = True
     assert grad[~inside].abs().max() == 0 and (grad[inside] != 0).all()
-    # data-parallel halves draw the global batch's boxes: their mean is the whole loss
-    halves = [pixel(x0[rows], x1[rows], t[rows], v_hat[rows].detach(),
-                    torch.Generator().manual_seed(9), rows, 4)
+    # data-parallel halves draw their samples' boxes: their mean is the whole loss
+    halves = [pixel(x0[rows], x1[rows], t[rows], v_hat[rows].detach(), StepDraws(9, 1), rows)
               for rows in (slice(0, 2), slice(2, 4))]
     torch.testing.assert_close((halves[0] + halves[1]) / 2, loss.detach())
     # more frames than the clip has: the clip is decoded whole
@@ -245,7 +246,7 @@ def test_decoder_checkpointing_is_exact_and_bf16_is_close():
         velocity = v_hat.clone().requires_grad_()
         kept = []  # tensors saved for backward outside checkpointed blocks
         with torch.autograd.graph.saved_tensors_hooks(partial(keep, kept), lambda x: x):
-            loss = pixel(x0, x1, t, velocity, torch.Generator(), slice(0, 2), 2)
+            loss = pixel(x0, x1, t, velocity, StepDraws(0, 1), slice(0, 2))
         results[name] = (loss, torch.autograd.grad(loss, velocity)[0], len(kept))
         assert all(p.dtype == torch.float32 for p in decoder.parameters())  # encoder's copy
     for got, want in zip(results["checkpointed"][:2], results["plain"][:2], strict=True):

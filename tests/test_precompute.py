@@ -23,10 +23,11 @@ from tests.test_shards import clip
 from tests.test_train_e2e import train_losses
 from trainer.build import single_process
 from trainer.config import ConfigError
+from trainer.draws import StepDraws
 from trainer.objective import caption_keep_mask
 from trainer.precompute import precompute
 from trainer.t2v_task import TextToVideoTask
-from trainer.train import step_generator, train
+from trainer.train import train
 
 pytestmark = pytest.mark.slow
 
@@ -190,7 +191,8 @@ def test_training_from_the_cache_matches_the_raw_shards_and_resumes_bitwise(
                             strict=True):
         assert abs(ours - theirs) <= 1e-5 * abs(theirs)
     # caption dropout replaced some rows by the cached null caption (batches of 2 rows)
-    assert not all(caption_keep_mask(2, 0.5, step_generator(0, s)).all() for s in range(1, 5))
+    assert not all(caption_keep_mask(StepDraws(0, s), slice(0, 2), 0.5).all()
+                   for s in range(1, 5))
 
     resumed = tmp_path / "resumed"
     train_in(resumed, [*runs["cache"], "trainer.max_steps=2"])

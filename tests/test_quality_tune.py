@@ -16,6 +16,7 @@ from models.flow import FlowMatching
 from tests.conftest import compose_train, python_cmd
 from tests.test_train_e2e import QUIET, run, train_losses
 from trainer.config import ConfigError, EarlyStopConfig, LRSchedule, PlateauConfig, RecipeConfig
+from trainer.draws import StepDraws
 from trainer.early_stop import EarlyStopping
 from trainer.objective import caption_keep_mask, drop_text, latent_flow_loss
 from trainer.optim import Scheduler
@@ -39,21 +40,39 @@ class TextAware(nn.Module):
         return x_t * t.reshape(-1, 1, 1, 1, 1) + kept.reshape(-1, 1, 1, 1, 1)
 
 
+class Kept(StepDraws):
+    """StepDraws that keeps every generator it hands out, to see what was drawn."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.handed: dict[tuple[int, str], torch.Generator] = {}
+
+    def generator(self, index, stream):
+        self.handed[index, stream] = super().generator(index, stream)
+        return self.handed[index, stream]
+
+
+ROWS = slice(0, SHAPE[0])
+
+
 def test_zero_offset_is_plain_training_bitwise_and_draws_nothing_more():
     assert compose_train([]).recipe.noise_offset == 0.0
     model, flow, x1 = TextAware(), FlowMatching(noise_offset=0.0), torch.randn(SHAPE)
     captions = ["a red square moving left slowly", "a blue circle", "a", "b"]
-    ours, theirs = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    ours, theirs = Kept(3, 1), StepDraws(3, 1)
     loss = latent_flow_loss(model, flow, x1, captions, ours, caption_dropout=0.5)
     # plain training as it was written before offset noise existed
-    text = drop_text(captions, caption_keep_mask(4, 0.5, theirs))
-    x0 = torch.randn(x1.shape, generator=theirs)
-    t = flow.sample_t(4, theirs)
+    text = drop_text(captions, caption_keep_mask(theirs, ROWS, 0.5))
+    x0 = theirs.per_sample("noise", ROWS, lambda g: torch.randn(1, *SHAPE[1:], generator=g))
+    t = theirs.per_sample("t", ROWS, lambda g: flow.sample_t(1, g))
     plain = flow.loss(model(flow.interpolate(x0, x1, t), t, text), x0, x1)
     assert torch.equal(loss, plain)
-    assert torch.equal(ours.get_state(), theirs.get_state())  # no extra random number
+    for index in range(SHAPE[0]):  # no extra random number: only eps left each noise stream
+        replay = theirs.generator(index, "noise")
+        torch.randn(1, *SHAPE[1:], generator=replay)
+        assert torch.equal(ours.handed[index, "noise"].get_state(), replay.get_state())
     offset = latent_flow_loss(model, FlowMatching(noise_offset=0.1), x1, captions,
-                              torch.Generator().manual_seed(3), caption_dropout=0.5)
+                              StepDraws(3, 1), caption_dropout=0.5)
     assert not torch.equal(offset, plain)
 
 
@@ -76,19 +95,21 @@ def test_offset_noise_shifts_each_sample_channel_mean_and_enters_path_and_target
 
     # the loss uses x0 = eps + offset * delta on the unchanged path and target
     model, x1 = Recorder(), torch.randn(SHAPE)
-    generator, replay = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
-    loss = latent_flow_loss(model, flow, x1, ["a"] * 4, generator)
-    caption_keep_mask(4, 0.0, replay)
-    x0 = torch.randn(SHAPE, generator=replay)
-    x0 = x0 + offset * torch.randn((*SHAPE[:2], 1, 1, 1), generator=replay)
-    t = torch.sigmoid(torch.randn(4, generator=replay))
+    loss = latent_flow_loss(model, flow, x1, ["a"] * 4, StepDraws(7, 1))
+    replay = StepDraws(7, 1)
+
+    def offset_noise(g):
+        eps = torch.randn(1, *SHAPE[1:], generator=g)
+        return eps + offset * torch.randn((1, SHAPE[1], 1, 1, 1), generator=g)
+
+    x0 = replay.per_sample("noise", ROWS, offset_noise)
+    t = replay.per_sample("t", ROWS, lambda g: torch.sigmoid(torch.randn(1, generator=g)))
     tt = t.reshape(-1, 1, 1, 1, 1)
     assert torch.allclose(model.x_t, tt * x1 + (1 - (1 - sigma) * tt) * x0, atol=1e-6)
     assert loss.item() == pytest.approx(torch.mean((x1 - (1 - sigma) * x0) ** 2).item(),
                                         rel=1e-6)
     # a data-parallel rank's rows get the global batch's noise, offsets included
-    latent_flow_loss(model, flow, x1[2:], ["a"] * 2, torch.Generator().manual_seed(7),
-                     rows=slice(2, 4), global_batch=4)
+    latent_flow_loss(model, flow, x1[2:], ["a"] * 2, StepDraws(7, 1), rows=slice(2, 4))
     assert torch.allclose(model.x_t, (tt * x1 + (1 - (1 - sigma) * tt) * x0)[2:], atol=1e-6)
 
 

@@ -32,7 +32,10 @@ def run_steps(overrides: list[str]) -> dict:
     from trainer.tae_task import AutoencoderTask
     from trainer.train import NonFiniteGuard, start_parallel, train_step
 
-    cfg = compose_train(SMALL + overrides)
+    # seed 1: with seed 0's draws one discriminator pre-activation at step 3 sits within
+    # fp32 summation noise of its LeakyReLU kink, and the adaptive weight (a ratio of
+    # gradient norms through it) then differs by ~5e-5 between summation orders
+    cfg = compose_train(SMALL + ["trainer.seed=1"] + overrides)
     ctx = start_parallel(cfg)
     task = AutoencoderTask(cfg, ctx)
     model = task.build_model()

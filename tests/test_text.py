@@ -44,7 +44,7 @@ def test_padding_does_not_change_real_token_states():
 def test_bad_settings_raise_named_errors():
     with pytest.raises(ValueError, match="max_length=1"):
         ByteTokenizer(1)
-    with pytest.raises(ValueError, match="dim=30 is not divisible by heads=4"):
+    with pytest.raises(ValueError, match="dim=30: is not divisible by heads=4"):
         ByteTextEncoder(dim=30, depth=1, heads=4, ffn_dim=8, max_length=8)
     with pytest.raises(ValueError, match="text.encoders is empty"):
         TextConditioner({}, 8)

@@ -6,10 +6,11 @@ import torch
 from tests.conftest import compose_train
 from trainer.build import build_autoencoder, build_flow, build_model, single_process
 from trainer.config import LRSchedule
+from trainer.draws import StepDraws
 from trainer.ema import EMA
 from trainer.objective import caption_keep_mask, drop_captions, flow_matching_loss
 from trainer.optim import lr_factor
-from trainer.train import NonFiniteGuard, step_generator
+from trainer.train import NonFiniteGuard
 
 SMALL = ["model.depth=3", "model.width=32", "model.heads=2", "model.ffn_dim=64",
          "text.encoders.byte.dim=32", "text.encoders.byte.depth=1",
@@ -22,7 +23,7 @@ def loss_and_grads(overrides):
     model = build_model(cfg, single_process(torch.device("cpu")))
     video = torch.rand(2, 3, 2, 8, 8) * 2 - 1
     loss = flow_matching_loss(model, build_autoencoder(cfg, "cpu"), build_flow(cfg), video,
-                              ["a red square", "a blue circle"], step_generator(0, 1), 0.0)
+                              ["a red square", "a blue circle"], StepDraws(0, 1), 0.0)
     loss.backward()
     return loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}, model
 
@@ -43,7 +44,7 @@ def test_activation_checkpointing_changes_nothing_numerically(mode):
         block.ffn.register_forward_hook(lambda *_: calls.append(torch.is_grad_enabled()))
     cfg = compose_train(SMALL)
     flow_matching_loss(checkpointed, build_autoencoder(cfg, "cpu"), build_flow(cfg),
-                       torch.zeros(1, 3, 2, 8, 8), ["x"], step_generator(0, 1)).backward()
+                       torch.zeros(1, 3, 2, 8, 8), ["x"], StepDraws(0, 1)).backward()
     assert len(calls) == 3 + (3 if mode == "full" else 2)
 
 
@@ -98,7 +99,7 @@ def test_ema_tracks_and_swaps_back():
 def test_caption_dropout_rate_and_determinism():
     captions = ["x"] * 10_000
     def keep(p, seed=0):
-        return caption_keep_mask(len(captions), p, torch.Generator().manual_seed(seed))
+        return caption_keep_mask(StepDraws(seed, 1), slice(0, len(captions)), p)
 
     dropped = drop_captions(captions, keep(0.1))
     assert 900 < dropped.count("") < 1100
@@ -117,9 +118,9 @@ def test_bf16_autocast_step_is_finite_and_close_to_fp32():
             p.add_(0.05 * torch.randn_like(p))
     video = torch.rand(2, 3, 2, 8, 8) * 2 - 1
     args = (model, build_autoencoder(cfg, "cpu"), build_flow(cfg), video, ["a", "b"])
-    fp32 = flow_matching_loss(*args, step_generator(0, 1))
+    fp32 = flow_matching_loss(*args, StepDraws(0, 1))
     with autocast(cfg, torch.device("cpu")):
-        bf16 = flow_matching_loss(*args, step_generator(0, 1))
+        bf16 = flow_matching_loss(*args, StepDraws(0, 1))
     bf16.backward()
     assert bf16.dtype == torch.float32 and math.isfinite(bf16.item())
     assert abs(bf16.item() - fp32.item()) / fp32.item() < 0.02

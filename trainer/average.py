@@ -33,7 +33,13 @@ from omegaconf import MISSING
 
 from parallel.weights import CheckpointWeights, SafetensorsWeights, open_weights, write_safetensors
 from trainer.config import ConfigError
-from trainer.run_config import CONFIG_KEY, OVERRIDES_KEY, parse_cli_options, run_config_metadata
+from trainer.run_config import (
+    CONFIG_KEY,
+    OVERRIDES_KEY,
+    checkpoint_config,
+    parse_cli_options,
+    run_config_metadata,
+)
 from trainer.trained import locate_checkpoint
 
 USAGE = "checkpoints=[<run dir>,<run dir>,...] output=<file.safetensors> [weights=[...]] [ema=true]"
@@ -83,8 +89,10 @@ def open_source(index: int, path: Path, ema: bool) -> tuple[Source, dict[str, st
                       if k in source.metadata}
             return source, config
         run_dir, step_dir = locate_checkpoint(path, key)
-        has_config = (run_dir / ".hydra" / "config.yaml").is_file()
-        return open_weights(step_dir, ema), run_config_metadata(run_dir) if has_config else {}
+        config = checkpoint_config(step_dir)
+        if config is None and (run_dir / ".hydra" / "config.yaml").is_file():
+            config = run_config_metadata(run_dir)  # a checkpoint older than stored configs
+        return open_weights(step_dir, ema), config or {}
     except (ValueError, FileNotFoundError) as error:
         message = str(error)
         raise ConfigError(message if message.startswith(key) else f"{key}={path}: {message}"

@@ -30,7 +30,12 @@ def single_process(device: torch.device) -> ParallelContext:
 def build_autoencoder(cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
     """The frozen autoencoder between pixels and the DiT's latents; a trainable one (the
     TAE) loads its trained weights from ``autoencoder.checkpoint``."""
-    autoencoder = instantiate(cfg.autoencoder)
+    try:
+        autoencoder = instantiate(cfg.autoencoder)
+    except InstantiationException as error:
+        if isinstance(error.__cause__, ValueError):  # its messages name autoencoder.<key>
+            raise ConfigError(str(error.__cause__)) from error.__cause__
+        raise
     if autoencoder.trainable:
         load_autoencoder_weights(autoencoder, cfg.autoencoder.checkpoint)
     autoencoder.requires_grad_(False)

@@ -15,9 +15,10 @@ from enum import Enum
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, MissingMandatoryValue, OmegaConf
 
 from data.latent_shards import LatentDataConfig
+from data.preference_shards import PreferenceDataConfig, PreferenceLatentDataConfig
 from data.shards import WebDatasetConfig
 from models.dit import DiTConfig, patch_grid
 from models.pretrained_text import (
@@ -29,6 +30,7 @@ from models.pretrained_text import (
 from models.tae import TAEConfig
 from models.tae_losses import TAELossConfig
 from parallel.mesh import MeshDims
+from trainer.config_guards import check_known_keys, check_targets
 
 
 class ConfigError(ValueError):
@@ -134,8 +136,14 @@ class ParallelConfig:
     activation_checkpointing: ActivationCheckpointing = ActivationCheckpointing.none
     checkpoint_every: int = 2  # with every_k: checkpoint blocks 0, k, 2k, ...
     compile: bool = False      # torch.compile each DiT block
+    # Collective timeout of the world group and every mesh group: long enough for the
+    # slowest collective (a 30B checkpoint's load), short enough that a hung rank fails.
+    timeout_minutes: float = 30.0
 
     def __post_init__(self) -> None:
+        if not self.timeout_minutes > 0:
+            raise ConfigError(f"parallel.timeout_minutes={self.timeout_minutes} must be > 0 "
+                              f"(minutes a collective may wait before the run fails)")
         if self.checkpoint_every < 1:
             raise ConfigError(f"parallel.checkpoint_every={self.checkpoint_every} must be >= 1")
         if self.zero_stage not in (1, 2, 3):
@@ -318,6 +326,9 @@ class TrainerConfig:
     judge_steps: int = 10
     ckpt_every: int = 100
     keep_last: int = 3
+    # Write checkpoints in a background thread (dcp.async_save; fsdp2 engine only): the
+    # training steps go on, and the checkpoint is published once its write completes.
+    async_checkpoint: bool = False
     max_nonfinite_steps: int = 5
     progress: bool = True
     wandb: WandbConfig = field(default_factory=WandbConfig)
@@ -329,10 +340,13 @@ class TrainerConfig:
     init_from: str | None = None
     init_ema: bool = True
     init_allow_missing: list[str] = field(default_factory=list)
+    # resume even with settings that cannot change within a run (trainer.resume_settings)
+    force: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "log_every", "val_every", "sample_every", "ckpt_every",
-                     "keep_last", "max_nonfinite_steps", "sample_steps", "judge_steps"):
+        for name in ("max_steps", "log_every", "val_every", "val_batches", "sample_every",
+                     "ckpt_every", "keep_last", "max_nonfinite_steps", "sample_steps",
+                     "judge_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"trainer.{name}={getattr(self, name)} must be >= 1")
 
@@ -357,6 +371,10 @@ class TrainConfig:
             raise ConfigError(f"trainer.max_steps={self.trainer.max_steps} exceeds the recipe's "
                               f"hard cap recipe.step_cap={cap}; lower trainer.max_steps")
         check_watchable(self.recipe, self.data)
+        if self.trainer.async_checkpoint and self.parallel.engine is not Engine.fsdp2:
+            raise ConfigError(f"trainer.async_checkpoint=true writes DCP checkpoints, which "
+                              f"parallel.engine={self.parallel.engine.value} does not use; "
+                              f"set it to false or use parallel.engine=fsdp2")
         if self.task is not Task.tae:
             return
         if self.recipe.pixel_loss.weight:
@@ -419,12 +437,23 @@ def register_configs() -> None:
     cs.store(group="parallel", name="parallel_schema", node=ParallelConfig)
     cs.store(group="recipe", name="recipe_schema", node=RecipeConfig)
     cs.store(group="recipe", name="tae_recipe_schema", node=TAERecipeConfig)
+    cs.store(group="data", name="preference_schema", node=PreferenceDataConfig)
+    cs.store(group="data", name="preference_latents_schema", node=PreferenceLatentDataConfig)
+    # imported here: the preference recipe extends RecipeConfig, defined in this module
+    from trainer.preference_config import PreferenceRecipeConfig
+
+    cs.store(group="recipe", name="preference_recipe_schema", node=PreferenceRecipeConfig)
 
 
 def to_train_config(cfg: DictConfig) -> TrainConfig:
-    """Composed DictConfig -> dataclasses (runs every ``__post_init__`` check)."""
+    """Composed DictConfig -> dataclasses (runs every ``__post_init__`` check), after the
+    key and ``_target_`` checks (``trainer.config_guards``)."""
     try:
+        check_known_keys(cfg)
+        check_targets(cfg)
         return OmegaConf.to_object(cfg)
+    except MissingMandatoryValue as error:
+        raise ConfigError(f"{error.full_key} is not set (it has no default); set it") from None
     except ValueError as error:
         raise ConfigError(str(error).splitlines()[0]) from error
 

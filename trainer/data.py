@@ -16,7 +16,7 @@ from data.shards import (
 )
 from data.synthetic import SyntheticVideos
 from parallel.mesh import ParallelContext
-from trainer.config import SyntheticDataConfig, TrainConfig
+from trainer.config import ConfigError, SyntheticDataConfig, TrainConfig
 
 
 def build_datasets(cfg: SyntheticDataConfig | WebDatasetConfig
@@ -57,7 +57,14 @@ def build_train_batches(cfg: TrainConfig, train_data: Dataset | None,
     """This rank's slice of every global batch: split by the *data-parallel* rank only, so
     all cp/tp ranks of one replica get the same samples."""
     if isinstance(cfg.data, WebDatasetConfig):
-        return EveryRankPosition(build_shard_batches(cfg.data, ctx.dp_rank, ctx.dp_size), ctx)
+        try:  # shards that do not exist, or fewer than the ranks they must feed
+            batches = build_shard_batches(cfg.data, ctx.dp_rank, ctx.dp_size)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+        return EveryRankPosition(batches, ctx)
+    if cfg.data.num_samples < cfg.recipe.batch_size:
+        raise ConfigError(f"data.num_samples={cfg.data.num_samples} is fewer than one global "
+                          f"batch of recipe.batch_size={cfg.recipe.batch_size}")
     return ShuffledBatches(train_data, cfg.recipe.batch_size // ctx.dp_size, cfg.trainer.seed,
                            ctx.dp_rank, ctx.dp_size)
 
@@ -74,10 +81,14 @@ def build_val_batches(cfg: TrainConfig) -> Callable[[], Iterator[dict]] | None:
     if isinstance(cfg.data, WebDatasetConfig):
         if cfg.data.val_shards is None:
             return None
-        build_val_shard_batches(cfg.data)  # a missing shard fails now, not at the first eval
+        check_val_shards(cfg.data)
         return lambda: iter(build_val_shard_batches(cfg.data))
     if cfg.data.val_samples == 0:
         return None
+    if cfg.data.val_samples < cfg.recipe.batch_size:  # no validation batch at all
+        raise ConfigError(f"data.val_samples={cfg.data.val_samples} is fewer than one "
+                          f"validation batch of recipe.batch_size={cfg.recipe.batch_size}; "
+                          f"raise it, or set it to 0 for no validation")
     _, val_data = build_datasets(cfg.data)
 
     def batches() -> Iterator[dict]:
@@ -85,5 +96,17 @@ def build_val_batches(cfg: TrainConfig) -> Callable[[], Iterator[dict]] | None:
         loader = ShuffledBatches(val_data, cfg.recipe.batch_size, seed=0, shuffle=False)
         return islice(iter(loader), loader.batches_per_epoch)
 
-    batches()  # a val set smaller than one batch fails now, not at the first eval
     return batches
+
+
+def check_val_shards(cfg: WebDatasetConfig) -> None:
+    """Now, not at the first validation after a stretch of training: the held-out shards
+    exist and give at least one batch (reading stops at the first)."""
+    try:
+        batches = build_val_shard_batches(cfg)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    if next(iter(batches), None) is None:
+        raise ConfigError(f"data.val_shards={cfg.val_shards!r} holds no usable sample "
+                          f"(skipped: {dict(batches.skipped)}); fix those shards, or set "
+                          f"data.val_shards=null for no validation")

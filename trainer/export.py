@@ -17,8 +17,9 @@ from pathlib import Path
 
 import torch
 from omegaconf import MISSING
-from safetensors.torch import save_file
 
+from parallel.weights import write_safetensors
+from trainer.config import ConfigError
 from trainer.run_config import parse_cli_options
 from trainer.trained import load_run
 
@@ -32,21 +33,24 @@ class ExportConfig:
 
 
 def export(opts: ExportConfig) -> Path:
+    """Write the file whole or not at all (``write_safetensors``: a temporary file beside
+    it, fsynced, renamed into place): an interrupted export leaves any earlier file."""
     run = load_run(Path(opts.checkpoint), torch.device("cpu"), opts.ema)
-    output = Path(opts.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {name: value.detach().contiguous() for name, value in
-               run.model.state_dict().items()}
-    save_file(tensors, str(output), metadata={
-        "run_dir": str(run.run_dir), "step": str(run.step),
-        "weights": "ema" if opts.ema else "train", **run.metadata})
-    return output
+    tensors = {name: value.detach() for name, value in run.model.state_dict().items()}
+    return write_safetensors(
+        Path(opts.output), {name: (t.shape, t.dtype) for name, t in tensors.items()},
+        tensors.__getitem__, metadata={"run_dir": str(run.run_dir), "step": str(run.step),
+                                       "weights": "ema" if opts.ema else "train",
+                                       **run.metadata})
 
 
 def main(argv: list[str]) -> None:
     opts = parse_cli_options(ExportConfig, argv, "trainer.export",
                              "checkpoint=<run dir> output=<file.safetensors> [ema=true]")
-    path = export(opts)
+    try:
+        path = export(opts)
+    except ConfigError as error:
+        raise SystemExit(f"config error: {error}") from None
     print(f"wrote {path}")
 
 

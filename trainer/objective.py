@@ -1,7 +1,8 @@
 """The flow-matching training objective over one batch, with caption dropout.
 
-All randomness comes from the ``generator`` passed in (seeded per step by the loop), so a
-step's loss is a pure function of (weights, batch, step): resuming reproduces it bitwise.
+All randomness comes from the step's ``StepDraws`` (keyed per global sample), so a step's
+loss is a pure function of (weights, batch, step): resuming reproduces it bitwise, and a
+data-parallel rank draws only its own rows.
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ from torch import nn
 
 from models.flow import FlowMatching
 from models.t2v import TextToVideo
+from trainer.draws import StepDraws
 
 
-def caption_keep_mask(count: int, probability: float,
-                      generator: torch.Generator) -> torch.Tensor:
-    """(count,) bool: False where a caption is dropped (replaced by "")."""
-    return torch.rand(count, generator=generator) >= probability
+def caption_keep_mask(draws: StepDraws, rows: slice, probability: float) -> torch.Tensor:
+    """(rows,) bool: False where a caption is dropped (replaced by "")."""
+    uniform = draws.per_sample("caption_dropout", rows,
+                               lambda g: torch.rand(1, generator=g, device=g.device))
+    return uniform >= probability
 
 
 def drop_captions(captions: list[str], keep: torch.Tensor) -> list[str]:
@@ -56,35 +59,35 @@ def drop_text(text: Text, keep: torch.Tensor, null_text: dict | None = None) -> 
 
 
 def flow_matching_loss(model: TextToVideo, autoencoder: nn.Module, flow: FlowMatching,
-                       video: torch.Tensor, captions: list[str], generator: torch.Generator,
-                       caption_dropout: float = 0.0, rows: slice | None = None,
-                       global_batch: int | None = None) -> torch.Tensor:
+                       video: torch.Tensor, captions: list[str], draws: StepDraws,
+                       caption_dropout: float = 0.0, rows: slice | None = None
+                       ) -> torch.Tensor:
     """video (B, 3, T, H, W) in [-1, 1] -> ``latent_flow_loss`` of its latents."""
     with torch.no_grad():
         x1 = autoencoder.encode(video)
-    return latent_flow_loss(model, flow, x1, captions, generator, caption_dropout, rows,
-                            global_batch)
+    return latent_flow_loss(model, flow, x1, captions, draws, caption_dropout, rows)
 
 
 def latent_flow_loss(model: TextToVideo, flow: FlowMatching, x1: torch.Tensor, text: Text,
-                     generator: torch.Generator, caption_dropout: float = 0.0,
-                     rows: slice | None = None, global_batch: int | None = None,
-                     null_text: dict | None = None,
+                     draws: StepDraws, caption_dropout: float = 0.0,
+                     rows: slice | None = None, null_text: dict | None = None,
                      on_prediction: Callable[..., None] | None = None) -> torch.Tensor:
     """x1 latents (B, C, T', H', W') and their captions or cached encodings (``null_text``:
     the cached encoding of "", for caption dropout) -> scalar MSE between predicted and
     target velocity. ``on_prediction(x0, x1, t, velocity)``, if given, sees this step's
     draws and prediction (the pixel-space loss reuses them).
 
-    Under data parallelism ``x1`` holds ``rows`` of a global batch of ``global_batch``:
-    caption dropout, noise and t are drawn for the whole global batch and sliced, so the
-    result does not depend on how the batch is split over ranks.
+    Under data parallelism ``x1`` holds ``rows`` (default: all B) of the global batch; the
+    caption dropout, noise and t of exactly those samples are drawn, so the result does
+    not depend on how the batch is split over ranks.
     """
     rows = rows or slice(0, x1.shape[0])
-    total = global_batch or x1.shape[0]
-    text = drop_text(text, caption_keep_mask(total, caption_dropout, generator)[rows], null_text)
-    x0 = flow.noise((total, *x1.shape[1:]), generator)[rows].to(x1.device, x1.dtype)
-    t = flow.sample_t(total, generator)[rows].to(x1.device)
+    if rows.stop - rows.start != x1.shape[0]:
+        raise ValueError(f"rows {rows} do not match the {x1.shape[0]} latents given")
+    text = drop_text(text, caption_keep_mask(draws, rows, caption_dropout), null_text)
+    x0 = draws.per_sample("noise", rows, lambda g: flow.noise((1, *x1.shape[1:]), g))
+    x0 = x0.to(x1.device, x1.dtype)
+    t = draws.per_sample("t", rows, lambda g: flow.sample_t(1, g)).to(x1.device)
     velocity = model(flow.interpolate(x0, x1, t), t, text)
     if on_prediction is not None:
         on_prediction(x0, x1, t, velocity)

@@ -56,6 +56,7 @@ class Scheduler(torch.optim.lr_scheduler.LambdaLR):
     resumed run cuts at the same validations."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, recipe: RecipeConfig, max_steps: int):
+        self.recipe = recipe
         self.plateau = (PlateauCut(recipe.plateau, recipe.lr)
                         if recipe.schedule is LRSchedule.plateau else None)
         plateau = self.plateau
@@ -68,25 +69,41 @@ class Scheduler(torch.optim.lr_scheduler.LambdaLR):
         LR of the step about to run (``last_epoch``) is rewritten at once."""
         if self.plateau is None or not self.plateau.observe(value):
             return False
+        self._rewrite_lr()
+        return True
+
+    def _rewrite_lr(self) -> None:
+        """The LR of the step about to run, from the base LR and the schedule now."""
         self._last_lr = [base * fn(self.last_epoch)
                          for base, fn in zip(self.base_lrs, self.lr_lambdas, strict=True)]
         for group, lr in zip(self.optimizer.param_groups, self._last_lr, strict=True):
             group["lr"] = lr
-        return True
 
     def state_dict(self) -> dict:
-        state = {k: v for k, v in super().state_dict().items() if k != "plateau"}
+        # the recipe is this run's config, not state (and no plain data a checkpoint loads)
+        state = {k: v for k, v in super().state_dict().items()
+                 if k not in ("plateau", "recipe")}
         if self.plateau is not None:
             state["plateau"] = self.plateau.state_dict()
         return state
 
     def load_state_dict(self, state: dict) -> None:
+        """The schedule's position (and plateau cuts) from a checkpoint; the optimizer's
+        state must be loaded first. The LR, betas, eps and weight decay are this run's
+        recipe: the saved state carries the base LR it was built with, and a run resumed
+        with a lowered ``recipe.lr`` would otherwise keep training at the old one."""
         state = dict(state)
         plateau = state.pop("plateau", None)
         super().load_state_dict(state)
         if self.plateau is not None and plateau is not None:
             self.plateau.load_state_dict(plateau)
         # a checkpoint without plateau state (another schedule before) starts at scale 1
+        recipe = self.recipe
+        for group in self.optimizer.param_groups:
+            group.update(initial_lr=recipe.lr, betas=tuple(recipe.betas), eps=recipe.eps,
+                         weight_decay=recipe.weight_decay)
+        self.base_lrs = [recipe.lr] * len(self.optimizer.param_groups)
+        self._rewrite_lr()
 
 
 def build_optimizer(params, recipe: RecipeConfig, max_steps: int

@@ -3,9 +3,10 @@ composed into the text-to-video step.
 
 The task passes ``latent_flow_loss`` a hook that keeps the step's (x0, x1, t, velocity), then
 ``PixelSpaceLoss.add`` adds weight × the pixel loss of the same draws. The frame window
-and crop are drawn from the step's generator after the latent loss's draws, for the global
-batch, and sliced to this rank's rows: a resumed run and every mesh decode the same boxes,
-and with weight 0 nothing is drawn or decoded, so the step is the plain one bitwise.
+and crop are drawn per sample from the step's own ``pixel_window`` stream, for this rank's
+rows only: a resumed run and every mesh decode the same boxes, the latent loss's draws are
+untouched, and with weight 0 nothing is drawn or decoded, so the step is the plain one
+bitwise.
 
 On a mesh the decoder is not sharded: every rank holds the frozen decoder whole (it is
 outside the FSDP-wrapped model and has no gradients) and decodes its data-parallel rows.
@@ -28,11 +29,12 @@ from models.pixel_loss import (
     decoded_pair,
     decoder_blocks,
     draw_windows,
-    pixel_space_loss,
+    pixel_space_errors,
     take_windows,
 )
 from parallel.parallelize import checkpoint_modules
 from trainer.config import ConfigError, PixelLossConfig, Precision, TrainConfig, sample_shapes
+from trainer.draws import StepDraws
 
 DTYPES = {Precision.fp32: torch.float32, Precision.bf16: torch.bfloat16}
 
@@ -101,24 +103,34 @@ class PixelSpaceLoss:
             height, width = (n // self.scale for n in self.cfg.crop)
         return frames, height, width
 
-    def __call__(self, x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor,
-                 velocity: torch.Tensor, generator: torch.Generator, rows: slice,
-                 global_batch: int) -> torch.Tensor:
-        """The unweighted pixel loss of this rank's ``rows``: x0, x1, velocity
-        (B, C, T', H', W') and t (B,) as ``latent_flow_loss`` drew and predicted them."""
-        size = tuple(x1.shape[2:])
+    def draw_starts(self, draws: StepDraws, rows: slice,
+                    size: tuple[int, int, int]) -> torch.Tensor:
+        """(rows, 3) starts of the decoded window of each sample of ``rows`` in a latent of
+        ``size`` (T', H', W')."""
         window = self.window(size)
-        starts = draw_windows(generator, global_batch, size, window)[rows]
+        return draws.per_sample("pixel_window", rows, lambda g: draw_windows(g, 1, size, window))
+
+    def errors(self, x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor,
+               velocity: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+        """(B,) unweighted pixel error of each sample's window at ``starts`` (B, 3)."""
+        window = self.window(tuple(x1.shape[2:]))
         x0, x1, velocity = (take_windows(x, starts, window) for x in (x0, x1, velocity))
         reference, prediction = decoded_pair(self.flow, x0, x1, t, velocity,
                                              self.cfg.target.value)
-        return pixel_space_loss(self.decode, reference, prediction)
+        return pixel_space_errors(self.decode, reference, prediction)
+
+    def __call__(self, x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor,
+                 velocity: torch.Tensor, draws: StepDraws, rows: slice) -> torch.Tensor:
+        """The unweighted pixel loss of this rank's ``rows``: x0, x1, velocity
+        (B, C, T', H', W') and t (B,) as ``latent_flow_loss`` drew and predicted them."""
+        starts = self.draw_starts(draws, rows, tuple(x1.shape[2:]))
+        return self.errors(x0, x1, t, velocity, starts).mean()
 
     def add(self, latent_loss: torch.Tensor, prediction: tuple[torch.Tensor, ...],
-            generator: torch.Generator, rows: slice, global_batch: int
+            draws: StepDraws, rows: slice
             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(latent loss + weight × pixel loss, both terms as metrics) for ``prediction``
         = (x0, x1, t, velocity) of the step."""
-        pixel = self(*prediction, generator, rows, global_batch)
+        pixel = self(*prediction, draws, rows)
         return (latent_loss + self.cfg.weight * pixel,
                 {"latent_loss": latent_loss.detach(), "pixel_loss": pixel.detach()})

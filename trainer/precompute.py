@@ -7,7 +7,8 @@ cache holds exactly what that run would compute in its step: the training decode
 fps, resize/crop), the frozen autoencoder and the frozen text encoders with the weights of
 ``trainer.seed`` (or their pretrained files), under ``trainer.precision``. Options of its
 own: ``output=`` (the cache folder, required) and ``batch=`` (samples encoded together,
-default 16).
+default 16). With ``data=preference`` the shards hold preference pairs and both sides
+are encoded (``latent_win``, ``latent_lose``; train with ``data=preference_latents``).
 
 One cache shard per raw shard, same file name, same sample order; bad samples are skipped
 and counted. Under torchrun rank r of W takes raw shards r, r + W, ... A cache shard that
@@ -45,7 +46,9 @@ from data.latent_shards import (
     text_tensors,
     write_atomically,
 )
+from data.preference_shards import is_preference
 from data.shards import VideoShards, WebDatasetConfig, read_meta, write_shard
+from data.tars import TarReadError, check_tar
 from models.init import initial_value
 from models.text import TextConditioner
 from parallel.mesh import MeshDims, init_parallel, shutdown
@@ -85,9 +88,12 @@ def manifest_of(cfg: TrainConfig) -> dict[str, Any]:
     # Only an encoder without pretrained weights takes its values from the seed.
     seeded = any(not hasattr(get_class(node["_target_"]), "pretrained_tensor")
                  for node in text.values())
-    return {"data.fps": cfg.data.fps, "data.sizes": [list(s) for s in cfg.data.sizes],
-            "data.durations": list(cfg.data.durations), "autoencoder": autoencoder,
-            "text.encoders": text, "trainer.seed": cfg.trainer.seed if seeded else None}
+    manifest = {"data.fps": cfg.data.fps, "data.sizes": [list(s) for s in cfg.data.sizes],
+                "data.durations": list(cfg.data.durations), "autoencoder": autoencoder,
+                "text.encoders": text, "trainer.seed": cfg.trainer.seed if seeded else None}
+    if is_preference(cfg.data):  # only then: caches written before pairs existed stay valid
+        manifest["data.preference"] = True
+    return manifest
 
 
 def check_cache(cfg: TrainConfig) -> None:
@@ -146,20 +152,24 @@ class Encoder:
         if not chunk:
             return []
         text = self.text_of([sample["caption"] for _, sample in chunk])
-        latents: dict[int, torch.Tensor] = {}
+        # "video" -> "latent"; a preference pair's "video_win" -> "latent_win", ...
+        names = [name for name in chunk[0][1] if name.startswith("video")]
+        latents: list[dict[str, torch.Tensor]] = [{} for _ in chunk]
         by_bucket: dict[Any, list[int]] = {}
         for index, (_, sample) in enumerate(chunk):
             by_bucket.setdefault(sample["bucket"], []).append(index)
-        for indices in by_bucket.values():
-            video = torch.stack([chunk[i][1]["video"] for i in indices]).to(self.device)
+        for indices, name in ((i, n) for i in by_bucket.values() for n in names):
+            video = torch.stack([chunk[i][1][name] for i in indices]).to(self.device)
             with autocast(self.cfg, self.device):
                 encoded = self.autoencoder.encode(video).cpu()
-            latents.update(zip(indices, encoded, strict=True))
+            for index, latent in zip(indices, encoded, strict=True):
+                latents[index]["latent" + name[len("video"):]] = latent
         out = []
         for index, (meta, sample) in enumerate(chunk):
-            bucket, latent = sample["bucket"], latents[index]
+            bucket, latent = sample["bucket"], next(iter(latents[index].values()))
             row = {name: (s[index], m[index]) for name, (s, m) in text.items()}
-            out.append({"__key__": sample["key"], "safetensors": pack_sample(latent, row),
+            out.append({"__key__": sample["key"],
+                        "safetensors": pack_sample(latents[index], row),
                         "json": {**meta, "caption": sample["caption"], "fps": sample["fps"],
                                  "bucket": [bucket.frames, bucket.height, bucket.width],
                                  "latent_shape": list(latent.shape),
@@ -169,7 +179,11 @@ class Encoder:
 
 def cache_samples(url: str, reader: VideoShards, encoder: Encoder, batch: int,
                   counts: Counter) -> Iterator[dict[str, Any]]:
-    """The cache samples of raw shard ``url``, in its order; skips counted in ``counts``."""
+    """The cache samples of raw shard ``url``, in its order; skips counted in ``counts``.
+    Raises TarReadError when the shard cannot be read to its end."""
+    if os.path.isfile(url):  # a copy cut at a member boundary reads as a complete tar
+        check_tar(url)
+    broken = counts["bad_shard"]
     chunk: list[tuple[dict, dict]] = []
     for _, key, members in reader.read_shard(url, counts):
         try:
@@ -185,6 +199,8 @@ def cache_samples(url: str, reader: VideoShards, encoder: Encoder, batch: int,
             yield from encoder(chunk)
             counts["samples_written"] += len(chunk)
             chunk = []
+    if counts["bad_shard"] > broken:
+        raise TarReadError(f"{url}: unreadable before its end (the warning above says where)")
     yield from encoder(chunk)
     counts["samples_written"] += len(chunk)
 
@@ -198,13 +214,15 @@ def precompute(cfg: TrainConfig, output: str, batch: int = 16) -> Counter:
     every rank): samples and shards written, shards found done, skips by reason."""
     if not isinstance(cfg.data, WebDatasetConfig) or isinstance(cfg.data, LatentDataConfig):
         raise ConfigError("trainer.precompute encodes raw video shards: pick data=webdataset "
-                          "with data.shards naming them")
+                          "(or data=preference for preference pairs) with data.shards naming "
+                          "them")
     if batch < 1:
         raise ConfigError(f"batch={batch} must be >= 1")
     ctx = init_parallel(MeshDims(), torch.device(cfg.trainer.device).type)
     try:
-        reader = VideoShards(cfg.data.shards, cfg.data.grid(), cfg.data.fps, cfg.data.seed,
-                             weighted=False)  # every sample once: weights apply in training
+        # every sample once (weights apply in training); preference shards read as pairs
+        reader = cfg.data.reader()(cfg.data.shards, cfg.data.grid(), cfg.data.fps,
+                                   cfg.data.seed, weighted=False)
         names = [shard_name(url) for url in reader.urls]
         if len(set(names)) < len(names):
             raise ConfigError(f"data.shards={cfg.data.shards!r} names two shards with one file "
@@ -229,7 +247,14 @@ def precompute(cfg: TrainConfig, output: str, batch: int = 16) -> Counter:
             if os.path.exists(path):
                 counts["shards_done_before"] += 1
                 continue
-            write_shard(path, cache_samples(url, reader, encoder, batch, counts))
+            shard_counts: Counter = Counter()
+            try:  # write_shard renames only a complete shard into place
+                write_shard(path, cache_samples(url, reader, encoder, batch, shard_counts))
+            except TarReadError as err:  # nothing published: a restart tries it again
+                counts["shard_errors"] += 1
+                log.error("cache shard %s not written: %s", name, err)
+                continue
+            counts.update(shard_counts)
             counts["shards_written"] += 1
             bar.set_postfix(samples=counts["samples_written"])
         return sum((Counter(c) for c in ctx.gather_objects(dict(counts))), Counter())
@@ -238,7 +263,7 @@ def precompute(cfg: TrainConfig, output: str, batch: int = 16) -> Counter:
 
 
 def summary_table(counts: Counter) -> str:
-    order = ["shards_written", "shards_done_before", "samples_written"]
+    order = ["shards_written", "shards_done_before", "shard_errors", "samples_written"]
     rows = [(k, counts[k]) for k in order] + sorted(
         (f"skipped {k}", v) for k, v in counts.items() if k not in order)
     width = max(len(k) for k, _ in rows)
@@ -263,6 +288,10 @@ def main(argv: list[str]) -> None:
         raise SystemExit(f"config error: {error}") from None
     if int(os.environ.get("RANK", 0)) == 0:
         print(summary_table(counts), flush=True)
+    if counts["shard_errors"]:
+        raise SystemExit(f"trainer.precompute: {counts['shard_errors']} raw shards could not "
+                         f"be read to their end (named in the log above); their cache shards "
+                         f"were not written: repair or replace them and rerun")
 
 
 if __name__ == "__main__":

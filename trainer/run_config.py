@@ -1,9 +1,11 @@
 """Recover a finished or running run's validated config from its run directory.
 
-Hydra saved the command-line overrides and the resolved config in ``<run>/.hydra/``. The
-overrides are composed again against today's ``conf/`` (so every node has its schema),
-then the saved values are laid over them, so a default changed since training does not
-change the model being loaded.
+Hydra saved the command-line overrides and the resolved config in ``<run>/.hydra/``, and
+every checkpoint carries those of the launch that wrote it (``run_config.json``): the run
+directory's are the latest launch's, which may have been refused or may have changed
+settings since. The overrides are composed again against today's ``conf/`` (so every node
+has its schema), then the saved values are laid over them, so a default changed since
+training does not change the model being loaded.
 """
 
 from __future__ import annotations
@@ -12,11 +14,12 @@ import json
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 import conf
-from trainer.config import TrainConfig, register_configs, to_train_config
+from trainer.config import ConfigError, TrainConfig, register_configs, to_train_config
 
 CONF_DIR = Path(conf.__file__).resolve().parent
 
@@ -27,8 +30,26 @@ CONF_DIR = Path(conf.__file__).resolve().parent
 OVERRIDES_KEY, CONFIG_KEY = "hydra_overrides", "hydra_config"
 
 
-def load_run_config(run_dir: Path) -> TrainConfig:
-    return config_from_metadata(run_config_metadata(run_dir))
+# A checkpoint's copy of the config that trained it: ``run_config_metadata``'s strings.
+CHECKPOINT_CONFIG_FILE = "run_config.json"
+
+
+def write_checkpoint_config(directory: Path, metadata: dict[str, str]) -> Path:
+    path = Path(directory) / CHECKPOINT_CONFIG_FILE
+    path.write_text(json.dumps(metadata, indent=1))
+    return path
+
+
+def checkpoint_config(step_dir: Path) -> dict[str, str] | None:
+    """The config stored with a checkpoint; None for one written before they were."""
+    path = Path(step_dir) / CHECKPOINT_CONFIG_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def checkpoint_metadata(run_dir: Path, step_dir: Path) -> dict[str, str]:
+    """The config that trained ``step_dir``: its stored copy, else (an older checkpoint)
+    the run directory's."""
+    return checkpoint_config(step_dir) or run_config_metadata(run_dir)
 
 
 def run_config_metadata(run_dir: Path) -> dict[str, str]:
@@ -47,9 +68,16 @@ def config_from_metadata(metadata: dict[str, str]) -> TrainConfig:
     over them (``run_config_metadata``'s strings)."""
     overrides = [o for o in json.loads(metadata[OVERRIDES_KEY]) if not o.startswith("hydra.")]
     register_configs()
-    with initialize_config_dir(version_base=None, config_dir=str(CONF_DIR)):
-        composed = compose("train", overrides=overrides)
-    return to_train_config(OmegaConf.merge(composed, OmegaConf.create(metadata[CONFIG_KEY])))
+    try:
+        with initialize_config_dir(version_base=None, config_dir=str(CONF_DIR)):
+            composed = compose("train", overrides=overrides)
+        merged = OmegaConf.merge(composed, OmegaConf.create(metadata[CONFIG_KEY]))
+    except (HydraException, OmegaConfBaseException) as error:
+        where = getattr(error, "full_key", None)
+        raise ConfigError(f"the saved config does not fit this version's schema"
+                          f"{f' at {where}' if where else ''}: "
+                          f"{str(error).splitlines()[0]}") from None
+    return to_train_config(merged)
 
 
 def parse_cli_options(schema: type, argv: list[str], command: str, usage: str):

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from omegaconf import MISSING
 
+from trainer.config import ConfigError
 from trainer.run_config import parse_cli_options
 from trainer.sampling import generate, write_videos
 from trainer.trained import load_text_to_video
@@ -54,7 +55,11 @@ def sample(opts: SampleConfig) -> list[Path]:
 def main(argv: list[str]) -> None:
     opts = parse_cli_options(SampleConfig, argv, "trainer.sample",
                              'checkpoint=<run dir> prompt="..." [key=value ...]')
-    for path in sample(opts):
+    try:
+        paths = sample(opts)
+    except ConfigError as error:
+        raise SystemExit(f"config error: {error}") from None
+    for path in paths:
         print(path)
 
 

@@ -20,6 +20,7 @@ from models.dit import patch_grid
 from parallel.mesh import ParallelContext
 from trainer.build import build_autoencoder, build_flow, build_model
 from trainer.config import SyntheticDataConfig, TrainConfig, check_latent_fits
+from trainer.draws import StepDraws
 from trainer.objective import Text, latent_flow_loss, text_sensitivity
 from trainer.pixel_loss import build_pixel_loss
 from trainer.precision import autocast
@@ -47,7 +48,7 @@ class TextToVideoTask:
         return (f"at most {math.prod(patch_grid(self.cfg.model, self.latent_shape)):,} "
                 f"video tokens per sample")
 
-    def loss(self, model: nn.Module, batch: dict[str, Any], generator: torch.Generator,
+    def loss(self, model: nn.Module, batch: dict[str, Any], draws: StepDraws,
              rows: slice, global_batch: int, step: int
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """This rank's ``rows`` of the global batch -> (loss, no extra metrics; with
@@ -55,12 +56,12 @@ class TextToVideoTask:
         x1, text = self.latents_and_text(batch)
         drawn = []  # this step's (x0, x1, t, velocity), for the pixel-space loss
         keep = (lambda *prediction: drawn.append(prediction)) if self.pixel_loss else None
-        loss = latent_flow_loss(model, self.flow, x1, text, generator,
-                                self.cfg.recipe.caption_dropout, rows, global_batch,
-                                self.null_text, on_prediction=keep)
+        loss = latent_flow_loss(model, self.flow, x1, text, draws,
+                                self.cfg.recipe.caption_dropout, rows, self.null_text,
+                                on_prediction=keep)
         if self.pixel_loss is None:
             return loss, {}
-        return self.pixel_loss.add(loss, drawn[0], generator, rows, global_batch)
+        return self.pixel_loss.add(loss, drawn[0], draws, rows)
 
     @torch.no_grad()
     def latents_and_text(self, batch: dict[str, Any]) -> tuple[torch.Tensor, Text]:
@@ -92,11 +93,15 @@ class TextToVideoTask:
         forward) and gets the same numbers."""
         cfg, device = self.cfg, self.ctx.device
         generator = torch.Generator().manual_seed(cfg.trainer.seed)
+        # "step 0" is never a training step: the held-out batches are its rows, in order
+        draws, offset = StepDraws(cfg.trainer.seed, 0, device), 0
         losses, sensitivity = [], 0.0
         for index, batch in enumerate(islice(batches, cfg.trainer.val_batches)):
             with autocast(cfg, device):
                 x1, text = self.latents_and_text(batch)
-                losses.append(latent_flow_loss(model, self.flow, x1, text, generator,
+                rows = slice(offset, offset + x1.shape[0])
+                offset = rows.stop
+                losses.append(latent_flow_loss(model, self.flow, x1, text, draws, rows=rows,
                                                null_text=self.null_text).item())
                 if index == 0:
                     sensitivity = text_sensitivity(model, self.flow, x1, text, generator,

@@ -24,6 +24,7 @@ from parallel.parallelize import materialise, parallelize_autoencoder
 from trainer.build import DTYPES
 from trainer.config import TrainConfig
 from trainer.data import build_val_batches
+from trainer.draws import StepDraws
 from trainer.precision import autocast
 from trainer.sampling import write_videos
 from trainer.video_quality import psnr, ssim
@@ -57,13 +58,15 @@ class AutoencoderTask:
                 f"{ae.spatial_compression} compression to {ae.latent_channels} channels; "
                 f"video {'x'.join(map(str, shape))}")
 
-    def loss(self, model: nn.Module, batch: dict[str, Any], generator: torch.Generator,
+    def loss(self, model: nn.Module, batch: dict[str, Any], draws: StepDraws,
              rows: slice, global_batch: int, step: int
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """This rank's ``rows`` of the global batch -> (loss, its terms). The posterior
-        noise is drawn for the global batch and sliced, so the split does not matter."""
+        noise of each sample is keyed by its global index, so the split does not matter."""
         video = batch["video"].to(self.ctx.device)
-        noise = self._noise(model, video, global_batch, generator)[rows]
+        latent = model.autoencoder.latent_shape(*video.shape[2:])
+        noise = draws.per_sample("posterior", rows, lambda g: torch.randn(
+            (1, *latent), generator=g, device=g.device))
         reconstruction, mean, logvar = model(video, noise.to(video.device))
         # this rank's losses are means over its rows: scaled, their gradients are the
         # global batch's rows, and summing squares over replicas gives the global norms
@@ -74,11 +77,6 @@ class AutoencoderTask:
 
         return tae_loss(video, reconstruction, mean, logvar, self.cfg.recipe.loss, step,
                         model.discriminator, sum_squares)
-
-    def _noise(self, model: nn.Module, video: torch.Tensor, count: int,
-               generator: torch.Generator) -> torch.Tensor:
-        latent = model.autoencoder.latent_shape(*video.shape[2:])
-        return torch.randn((count, *latent), generator=generator)
 
     def tokens(self, batch: dict[str, Any]) -> int:
         """Latent positions (T'·H'·W') in this rank's batch."""

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from parallel.checkpoint import (
     Checkpointer,
+    Written,
     load_deepspeed_state,
     load_training_state,
     save_deepspeed_state,
@@ -27,6 +28,7 @@ from parallel.checkpoint import (
 )
 from parallel.engine import NativeEngine
 from parallel.mesh import ParallelContext, init_parallel, read_launch_env, shutdown
+from parallel.preemption import REQUEUE_EXIT_CODE, PreemptionFlag
 from trainer.config import (
     ConfigError,
     Engine,
@@ -36,12 +38,15 @@ from trainer.config import (
     to_train_config,
 )
 from trainer.data import build_datasets, build_train_batches, build_val_batches
+from trainer.draws import StepDraws
 from trainer.early_stop import EarlyStopping, on_validation
 from trainer.ema import EMA
 from trainer.init_from import initialise_from
 from trainer.metrics import Monitor
 from trainer.optim import build_optimizer
 from trainer.precision import autocast
+from trainer.resume_settings import check_resume, launch_metadata, with_run_config
+from trainer.start_checks import check_start
 from trainer.tasks import build_task
 
 
@@ -74,11 +79,6 @@ class NonFiniteGuard:
         self.in_row, self.total = state["in_row"], state["total"]
 
 
-def step_generator(seed: int, step: int) -> torch.Generator:
-    """The RNG of one step (noise, t, caption dropout): a function of (seed, step) only."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + step)
-
-
 def train_step(cfg, step, batch, engine, task, ema, guard, ctx) -> dict[str, float]:
     """One optimizer step on this rank's rows of the global batch; metrics are means over
     the data-parallel replicas."""
@@ -86,7 +86,8 @@ def train_step(cfg, step, batch, engine, task, ema, guard, ctx) -> dict[str, flo
     local = len(batch["caption"])
     rows = slice(ctx.dp_rank * local, (ctx.dp_rank + 1) * local)
     with autocast(cfg, ctx.device):
-        loss, extras = task.loss(engine.module, batch, step_generator(cfg.trainer.seed, step),
+        loss, extras = task.loss(engine.module, batch,
+                                 StepDraws(cfg.trainer.seed, step, ctx.device),
                                  rows, local * ctx.dp_size, step)
     loss_value, grad_norm = ctx.mean_over_dp(loss), math.nan
     lr = engine.scheduler.get_last_lr()[0]
@@ -137,11 +138,12 @@ def build_engine(cfg: TrainConfig, model, ctx: ParallelContext):
                            offload_params=par.offload_params)
 
 
-def save_checkpoint(directory: Path, engine, ema: EMA, state: dict) -> None:
+def save_checkpoint(directory: Path, engine, ema: EMA, state: dict,
+                    asynchronous: bool = False) -> Written:
     if isinstance(engine, NativeEngine):
-        save_training_state(directory, engine.module, engine.optimizer, ema.state_dict(), state)
-    else:
-        save_deepspeed_state(directory, engine, ema.state_dict(), state)
+        return save_training_state(directory, engine.module, engine.optimizer,
+                                   ema.state_dict(), state, asynchronous)
+    return save_deepspeed_state(directory, engine, ema.state_dict(), state)
 
 
 def restore(path: Path | None, engine, ema: EMA, stateful: dict) -> int:
@@ -166,16 +168,25 @@ def restore(path: Path | None, engine, ema: EMA, stateful: dict) -> int:
 
 def start_parallel(cfg: TrainConfig) -> ParallelContext:
     dims = check_parallel_fits(cfg, read_launch_env().world_size)
-    return init_parallel(dims, torch.device(cfg.trainer.device).type)
+    return init_parallel(dims, torch.device(cfg.trainer.device).type,
+                         cfg.parallel.timeout_minutes)
 
 
-def train(cfg: TrainConfig, run_dir: Path, config_dict: dict) -> None:
+def train(cfg: TrainConfig, run_dir: Path, config_dict: dict) -> bool:
+    """Train to ``trainer.max_steps`` (or an early stop); True if a preemption signal
+    stopped the run after checkpointing (the caller exits with the requeue code)."""
+    check_start(cfg)
     ctx = start_parallel(cfg)
+    preemption = PreemptionFlag(ctx.device)  # from here a signal checkpoints, not kills
     torch.manual_seed(cfg.trainer.seed)
     task = build_task(cfg, ctx)
     model = task.build_model()
     checkpointer = Checkpointer(run_dir / "checkpoints", cfg.trainer.keep_last)
     resume_from = checkpointer.latest()
+    # before any weight is read: a changed width would fail deep inside DCP, a lower depth
+    # would load a subset of the weights silently
+    changes = check_resume(cfg, resume_from)
+    run_config = launch_metadata(cfg)  # stored with every checkpoint
     # before the engine (DeepSpeed partitions the weights it is given) and the EMA
     initialise_from(cfg, model, resume_from, ctx.is_main)
     engine = build_engine(cfg, model, ctx)
@@ -189,11 +200,16 @@ def train(cfg: TrainConfig, run_dir: Path, config_dict: dict) -> None:
     if stopper.enabled:
         stateful["early_stop"] = stopper
     step = restore(resume_from, engine, ema, stateful)
+    if changes:
+        config_dict = {**config_dict, "resume_changes": changes}
     monitor = Monitor(cfg, run_dir, config_dict, step, enabled=ctx.is_main)
+    if changes:
+        monitor.write(f"resumed with changed settings: {'; '.join(changes)}")
     trainable = sum(getattr(p, "ds_numel", p.numel()) for p in engine.params)
     monitor.write(f"{trainable:,} trainable parameters; {task.describe()}; mesh {ctx.dims}; "
                   f"run dir {run_dir}")
     data_iter = iter(batches)
+    preempted = False
     if stopper.stopped:
         monitor.write(f"the run stopped early at step {step} (best: step {stopper.best_step}, "
                       f"see {run_dir / 'best.json'}); nothing left to train")
@@ -216,14 +232,25 @@ def train(cfg: TrainConfig, run_dir: Path, config_dict: dict) -> None:
         if step % cfg.trainer.sample_every == 0 or last:
             with ema.swapped_in():
                 task.show(step, run_dir, model, monitor)
-        if step % cfg.trainer.ckpt_every == 0 or last or improved:
+        # every rank asks at every step (one scalar all-reduce), so all stop at the same one
+        preempted = not last and preemption.agreed()
+        if step % cfg.trainer.ckpt_every == 0 or last or improved or preempted:
             checkpointer.keep_steps = stopper.keep_steps()
-            saved = checkpointer.save(step, partial(save_checkpoint, engine=engine, ema=ema,
-                                                    state=trainer_state(step, stateful)))
+            saved = checkpointer.save(step, with_run_config(partial(
+                save_checkpoint, engine=engine, ema=ema, state=trainer_state(step, stateful),
+                asynchronous=cfg.trainer.async_checkpoint), run_config, ctx.is_main))
             if improved:
+                checkpointer.wait()  # best.json names only a published checkpoint
                 stopper.publish(run_dir, saved, cfg.recipe.val_metric, ctx.is_main)
+        if preempted:
+            monitor.write(f"preempted: checkpointed step {step}; exiting with code "
+                          f"{REQUEUE_EXIT_CODE} so the job is requeued")
+            break
+    checkpointer.wait()
+    preemption.close()
     monitor.close()
     shutdown(ctx)
+    return preempted
 
 
 register_configs()
@@ -234,9 +261,11 @@ def main(cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         config_dict = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-        train(to_train_config(cfg), run_dir, config_dict)
+        preempted = train(to_train_config(cfg), run_dir, config_dict)
     except ConfigError as error:
         raise SystemExit(f"config error: {error}") from None
+    if preempted:
+        raise SystemExit(REQUEUE_EXIT_CODE)
 
 
 if __name__ == "__main__":

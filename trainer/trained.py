@@ -19,8 +19,8 @@ from trainer.ema import EMA
 from trainer.run_config import (
     CONFIG_KEY,
     OVERRIDES_KEY,
+    checkpoint_metadata,
     config_from_metadata,
-    run_config_metadata,
 )
 from trainer.t2v_task import TextToVideoTask
 from trainer.tasks import build_task
@@ -33,8 +33,8 @@ class TrainedRun:
     step: int
     task: object      # the run's task, built for one process
     model: nn.Module  # the trained module, in eval mode
-    # what a file of these weights carries: the run's config as safetensors metadata
-    # strings (``run_config_metadata``); loaded from a file, all of that file's metadata
+    # what a file of these weights carries: the config that trained them as safetensors
+    # metadata strings (``checkpoint_metadata``); loaded from a file, all of its metadata
     metadata: dict[str, str] = field(default_factory=dict)
 
 
@@ -74,7 +74,7 @@ def load_run(checkpoint: Path, device: torch.device, ema: bool = True,
     if Path(checkpoint).is_file():
         return _load_file(Path(checkpoint), device, frames, height, width)
     run_dir, step_dir = locate_checkpoint(Path(checkpoint))
-    metadata = run_config_metadata(run_dir)
+    metadata = checkpoint_metadata(run_dir, step_dir)
     cfg = _with_shape(config_from_metadata(metadata), frames, height, width)
     task = build_task(cfg, single_process(device))
     model = task.build_model()

@@ -1,0 +1,99 @@
+"""Checks a training run makes at start, for settings each group's schema accepts but the
+run would trip over later: at its first validation, sample or checkpoint, after minutes
+or hours of training. Each raises a ConfigError naming the key and the fix."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from trainer.config import (
+    ConfigError,
+    RecipeConfig,
+    SyntheticDataConfig,
+    Task,
+    TrainConfig,
+    sample_shapes,
+)
+from trainer.video_quality import SSIM_TAPS
+
+
+def check_start(cfg: TrainConfig) -> None:
+    check_device(cfg.trainer.device)
+    check_optimizer(cfg.recipe)
+    if isinstance(cfg.data, SyntheticDataConfig):
+        check_synthetic(cfg.data)
+    check_written_videos(cfg)
+
+
+def check_synthetic(data: SyntheticDataConfig) -> None:
+    for name in ("num_samples", "frames", "height", "width"):
+        if getattr(data, name) < 1:
+            raise ConfigError(f"data.{name}={getattr(data, name)} must be >= 1")
+    if data.val_samples < 0:
+        raise ConfigError(f"data.val_samples={data.val_samples} must be >= 0 (0: no "
+                          f"validation)")
+    if not 0 < data.fps < math.inf:
+        raise ConfigError(f"data.fps={data.fps} must be a finite number > 0")
+
+
+def check_optimizer(recipe: RecipeConfig) -> None:
+    """What AdamW refuses only when it is built, and what would silently mean something
+    else (a negative warm-up or clip norm acts as none)."""
+    betas = list(recipe.betas)
+    if len(betas) != 2 or not all(0.0 <= beta < 1.0 for beta in betas):
+        raise ConfigError(f"recipe.betas={betas} must be two numbers in [0, 1) (AdamW's "
+                          f"moment decays, e.g. [0.9, 0.95])")
+    if not 0.0 < recipe.eps < math.inf:
+        raise ConfigError(f"recipe.eps={recipe.eps} must be a finite number > 0 (AdamW's "
+                          f"denominator guard, e.g. 1e-8)")
+    for name in ("weight_decay", "warmup_steps", "grad_clip"):
+        value = getattr(recipe, name)
+        if not 0 <= value < math.inf:
+            raise ConfigError(f"recipe.{name}={value} must be a finite number >= 0"
+                              + (" (0 turns clipping off)" if name == "grad_clip" else ""))
+    if not 0.0 < recipe.t_std < math.inf:
+        raise ConfigError(f"recipe.t_std={recipe.t_std} must be a finite number > 0 (the "
+                          f"spread of the logit-normal timestep draw, e.g. 1)")
+
+
+def check_device(device: str) -> None:
+    try:
+        torch.device(device)
+    except RuntimeError as error:
+        raise ConfigError(f"trainer.device={device!r} is not a device: "
+                          f"{str(error).splitlines()[0]} (cpu, cuda, cuda:1, ...)") from None
+
+
+def _size_key(cfg: TrainConfig, height: int, width: int) -> str:
+    """How the user sets this size: data.sizes for shards, else data.height/data.width."""
+    if hasattr(cfg.data, "sizes"):
+        return f"data.sizes={cfg.data.sizes} (its {height}x{width})"
+    return f"data.height={height} and data.width={width}"
+
+
+def check_written_videos(cfg: TrainConfig) -> None:
+    """Videos the run writes as H.264 (yuv420p: even heights and widths): a text-to-video
+    run's samples of trainer.sample_prompts, an autoencoder run's reconstructions at each
+    validation; and an autoencoder run's validation SSIM needs frames of its window."""
+    if cfg.task is Task.tae:
+        held_out = (getattr(cfg.data, "val_shards", None) is not None
+                    or getattr(cfg.data, "val_samples", 0) > 0)
+        if not held_out:
+            return
+        what = "validation writes inputs and reconstructions as H.264 videos"
+    elif cfg.trainer.sample_prompts:
+        what = "trainer.sample_prompts are sampled and written as H.264 videos"
+    else:
+        return
+    for _, height, width in sample_shapes(cfg.data):
+        # reconstructions sit beside their inputs: twice the width, always even
+        odd_width = width % 2 and cfg.task is not Task.tae
+        if height % 2 or odd_width:
+            raise ConfigError(f"{_size_key(cfg, height, width)}: {what}, which need an even "
+                              f"height and width; use even sizes")
+        if cfg.task is Task.tae and min(height, width) < SSIM_TAPS:
+            raise ConfigError(f"{_size_key(cfg, height, width)}: validation measures SSIM "
+                              f"with an {SSIM_TAPS}-pixel window, which needs frames of at "
+                              f"least {SSIM_TAPS}x{SSIM_TAPS}; use larger sizes")
