@@ -102,9 +102,12 @@ def test_refusals_name_the_cause(run, tmp_path, argv, match):
 def test_deepspeed_checkpoint_is_refused_with_the_way_round(tmp_path):
     from parallel.checkpoint import Checkpointer
 
+    def write_deepspeed_layout(directory):
+        (directory / "deepspeed").mkdir()
+        (directory / "deepspeed" / "x.pt").write_bytes(b"x")
+
     run_dir = tmp_path / "ds"
-    Checkpointer(run_dir / "checkpoints", 1).save(
-        3, lambda d: (d / "deepspeed").mkdir() or (d / "deepspeed" / "x.pt").write_bytes(b"x"))
+    Checkpointer(run_dir / "checkpoints", 1).save(3, write_deepspeed_layout)
     with pytest.raises(SystemExit, match=r"is a DeepSpeed checkpoint.*python -m trainer.export "
                                          r"checkpoint=\S+step_00000003 output="):
         average(f"checkpoints=[{run_dir},{run_dir}]", f"output={tmp_path / 'out.safetensors'}")

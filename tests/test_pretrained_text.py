@@ -14,7 +14,6 @@ import json
 
 import pytest
 import torch
-from omegaconf.errors import MissingMandatoryValue
 from torch.distributed.tensor import DTensor
 
 from tests.conftest import compose_train
@@ -171,7 +170,7 @@ def test_bad_encoder_settings_are_named_errors(paths, tmp_path):
     from trainer.build import build_meta_model
     from trainer.config import ConfigError
 
-    with pytest.raises(MissingMandatoryValue, match=r"text\.encoders\.ul2\.path"):
+    with pytest.raises(ConfigError, match=r"text\.encoders\.ul2\.path is not set"):
         compose_train([*TINY, "text=movie_gen"])
     cases = {
         "text.encoders.ul2.path='/no/such/dir': is not a directory":
