@@ -92,6 +92,7 @@ def random_tae(folder: Path, overrides: list[str]) -> list[str]:
 def measure(overrides: list[str], steps: int) -> dict[str, float]:
     """In a fresh process: RSS growth of the first step, best step time, peak live bytes."""
     from trainer.build import single_process
+    from trainer.draws import StepDraws
     from trainer.t2v_task import TextToVideoTask
 
     torch.set_num_threads(THREADS)
@@ -110,7 +111,7 @@ def measure(overrides: list[str], steps: int) -> dict[str, float]:
 
     def step() -> None:
         model.zero_grad(set_to_none=True)
-        loss, _ = task.loss(model, batch, torch.Generator().manual_seed(1), rows, shape[0], 1)
+        loss, _ = task.loss(model, batch, StepDraws(seed=1, step=1), rows, shape[0], 1)
         loss.backward()
 
     gc.collect()
