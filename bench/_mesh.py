@@ -9,8 +9,11 @@ from the config, inside gloo processes spawned by ``tests.distributed.run_distri
 from __future__ import annotations
 
 import gc
+import json
 import os
 import resource
+import subprocess
+import sys
 import time
 import weakref
 from collections import Counter
@@ -174,3 +177,13 @@ def peak_rss_mib() -> float:
 
 def mib(nbytes: float) -> str:
     return f"{nbytes / 2**20:,.1f}"
+
+
+def run_point(script: str, overrides: list[str], steps: int) -> dict[str, float]:
+    """Run ``script --point '[overrides, steps]'`` in a fresh process (so each row's peak
+    RSS and allocator state are its own) -> the JSON dict of its last stdout line."""
+    result = subprocess.run([sys.executable, script, "--point", json.dumps([overrides, steps])],
+                            capture_output=True, text=True)
+    if result.returncode:
+        raise RuntimeError(f"point {overrides} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -48,7 +47,14 @@ if __package__ in (None, ""):  # run as a script: make the packages importable
 from hydra.utils import instantiate  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from bench._mesh import TINY_TEXT, LiveBytes, compose, peak_rss_mib, rss_mib  # noqa: E402
+from bench._mesh import (  # noqa: E402
+    TINY_TEXT,
+    LiveBytes,
+    compose,
+    peak_rss_mib,
+    rss_mib,
+    run_point,
+)
 
 THREADS = 1  # CPU time of one thread is the step time on one idle core
 SIZES = {
@@ -132,14 +138,6 @@ def measure(overrides: list[str], steps: int) -> dict[str, float]:
             "rss_mib": rss_growth}
 
 
-def run_point(overrides: list[str], steps: int) -> dict[str, float]:
-    result = subprocess.run([sys.executable, __file__, "--point", json.dumps([overrides, steps])],
-                            capture_output=True, text=True)
-    if result.returncode:
-        raise RuntimeError(f"point {overrides} failed:\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the tiny size only")
@@ -164,7 +162,7 @@ def main() -> None:
                 if "bf16" in name and size != "tiny":
                     continue  # bf16 backward kernels are ~25x slower than fp32 on this CPU
                 print(f"  {size}: {name} ...", file=sys.stderr, flush=True)
-                r = run_point([*base, *extra], steps)
+                r = run_point(__file__, [*base, *extra], steps)
                 first = first or r
                 print(f"| {name} | {r['cpu']:.2f} | {r['cpu'] / first['cpu']:.2f} | "
                       f"{r['wall']:.2f} | {r['live_mib']:,.0f} | "

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,7 +41,7 @@ if __package__ in (None, ""):  # run as a script: make the packages importable
 
 from safetensors.torch import save_file  # noqa: E402
 
-from bench._mesh import LiveBytes, compose, peak_rss_mib, rss_mib  # noqa: E402
+from bench._mesh import LiveBytes, compose, peak_rss_mib, rss_mib, run_point  # noqa: E402
 
 THREADS = 1  # CPU time of one thread is the step time on one idle core
 CLIP = ["data.frames=8", "data.height=32", "data.width=32"]
@@ -120,14 +119,6 @@ def measure(overrides: list[str], steps: int) -> dict[str, float]:
             "rss_mib": rss_growth, "weights_mib": weights / 2**20}
 
 
-def run_point(overrides: list[str], steps: int) -> dict[str, float]:
-    result = subprocess.run([sys.executable, __file__, "--point", json.dumps([overrides, steps])],
-                            capture_output=True, text=True)
-    if result.returncode:
-        raise RuntimeError(f"point {overrides} failed:\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=5, help="timed steps per point")
@@ -146,7 +137,8 @@ def main() -> None:
         results = {}
         for name, _, extra in VARIANTS:
             print(f"  {name} ...", file=sys.stderr, flush=True)
-            results[name] = run_point(["trainer.wandb.mode=disabled", init, *extra], args.steps)
+            results[name] = run_point(__file__, ["trainer.wandb.mode=disabled", init, *extra],
+                                      args.steps)
         base = results["SFT, 8 clips"]
         for name, rows, _ in VARIANTS:
             r = results[name]
