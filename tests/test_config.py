@@ -8,7 +8,8 @@ import pytest
 
 from tests.conftest import ROOT, compose_train, python_cmd
 from trainer.build import build_autoencoder
-from trainer.config import ConfigError, check_latent_fits
+from trainer.config import ConfigError
+from trainer.start_checks import check_latent_fits
 
 
 def run_train(tmp_path, *overrides):
@@ -88,7 +89,7 @@ def test_model_size_reports_30b_on_meta_and_writes_nothing(tmp_path):
 
 
 def test_parallel_misconfigurations_name_the_numbers():
-    from trainer.config import check_parallel_fits
+    from trainer.start_checks import check_parallel_fits
 
     def fits(overrides, world):
         return check_parallel_fits(compose_train(["experiment=t2v_tiny", *overrides]), world)
@@ -135,7 +136,7 @@ def test_launch_env_from_torchrun_slurm_or_nothing():
 
 
 def test_movie_gen_preset_fits_the_30b_on_64_gpus():
-    from trainer.config import check_parallel_fits
+    from trainer.start_checks import check_parallel_fits
 
     cfg = compose_train(["experiment=t2v_tiny", "model=dit_30b", "parallel=movie_gen",
                          "recipe.batch_size=64"])

@@ -202,7 +202,7 @@ def forward_backward(overrides: list[str]) -> dict:
     """Output on every caption, then loss and full gradients on this rank's rows."""
     from parallel.mesh import init_parallel, read_launch_env
     from trainer.build import build_model
-    from trainer.config import check_parallel_fits
+    from trainer.start_checks import check_parallel_fits
 
     cfg = compose_train(overrides)
     ctx = init_parallel(check_parallel_fits(cfg, read_launch_env().world_size))

@@ -12,7 +12,8 @@ from hydra.utils import instantiate
 from tests.conftest import compose_train, python_cmd
 from tests.test_shards import clips, grid, keys_of, make_shards  # noqa: F401 (fixture)
 from tests.test_train_e2e import QUIET, run, train_losses
-from trainer.config import LRSchedule, check_latent_fits, check_parallel_fits
+from trainer.config import LRSchedule
+from trainer.start_checks import check_latent_fits, check_parallel_fits
 
 PATHS = ["data.shards=videos.tar", "data.val_shards=val.tar", "text.encoders.ul2.path=ul2",
          "text.encoders.byt5.path=byt5", "text.encoders.clip.path=clip"]

@@ -3,7 +3,7 @@
 Each YAML option in ``conf/<group>/`` names its schema first in its defaults list, so a
 wrong key or a wrong type fails at composition with the key named. Enumerated choices are
 Enums (OmegaConf rejects other values). Cross-field checks run when the composed config
-is turned into these dataclasses (``__post_init__``) and in ``check_latent_fits``;
+is turned into these dataclasses (``__post_init__``) and in ``trainer.start_checks``;
 their ``ConfigError`` messages name every value involved and the fix.
 """
 
@@ -20,7 +20,7 @@ from omegaconf import MISSING, DictConfig, MissingMandatoryValue, OmegaConf
 from data.latent_shards import LatentDataConfig
 from data.preference_shards import PreferenceDataConfig, PreferenceLatentDataConfig
 from data.shards import WebDatasetConfig
-from models.dit import DiTConfig, patch_grid
+from models.dit import DiTConfig
 from models.pretrained_text import (
     ByT5EncoderConfig,
     CLIPEncoderConfig,
@@ -29,7 +29,6 @@ from models.pretrained_text import (
 )
 from models.tae import TAEConfig
 from models.tae_losses import TAELossConfig
-from parallel.mesh import MeshDims
 from trainer.config_guards import check_known_keys, check_targets
 
 
@@ -456,55 +455,3 @@ def to_train_config(cfg: DictConfig) -> TrainConfig:
         raise ConfigError(f"{error.full_key} is not set (it has no default); set it") from None
     except ValueError as error:
         raise ConfigError(str(error).splitlines()[0]) from error
-
-
-def check_parallel_fits(cfg: TrainConfig, world_size: int) -> MeshDims:
-    """Mesh sizes against the process count, the heads and the batch; the resolved dims."""
-    par = cfg.parallel
-    try:
-        dims = MeshDims(par.dp_replicate, par.dp_shard, par.cp, par.tp).resolved(world_size)
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
-    heads = cfg.model.heads
-    if heads % dims.tp:
-        raise ConfigError(f"model.heads={heads} is not divisible by parallel.tp={dims.tp}: "
-                          f"tensor parallelism splits whole heads")
-    if par.cp_mode is CPMode.ulysses and dims.cp > 1 and heads % (dims.tp * dims.cp):
-        raise ConfigError(f"parallel.cp_mode=ulysses needs model.heads={heads} divisible by "
-                          f"parallel.tp × parallel.cp = {dims.tp} × {dims.cp}; change cp/tp "
-                          f"or use parallel.cp_mode=allgather_kv or ring")
-    if cfg.recipe.batch_size % dims.dp:
-        raise ConfigError(f"recipe.batch_size={cfg.recipe.batch_size} (the global batch) is "
-                          f"not divisible by the {dims.dp} data-parallel replicas "
-                          f"(parallel.dp_replicate × dp_shard = {dims.dp_replicate} × "
-                          f"{dims.dp_shard})")
-    return dims
-
-
-def sample_shapes(data: Any) -> list[tuple[int, int, int]]:
-    """Every (frames, height, width) a batch of this data config can have."""
-    if isinstance(data, WebDatasetConfig):
-        return [(b.frames, b.height, b.width) for b in data.grid().shapes()]
-    return [(data.frames, data.height, data.width)]
-
-
-def check_latent_fits(cfg: TrainConfig, autoencoder: Any) -> tuple[int, int, int, int]:
-    """Every shape the data can produce must pass the autoencoder and fit the DiT's patches
-    and tables.
-
-    Returns the latent shape (C, T, H, W) with the most tokens (the one sampled).
-    """
-    latents = []
-    for frames, height, width in sample_shapes(cfg.data):
-        where = f"data frames/height/width={frames}/{height}/{width}"
-        try:
-            latent = autoencoder.latent_shape(frames, height, width)
-        except ValueError as error:
-            raise ConfigError(f"{where} do not fit the autoencoder: {error}") from error
-        try:
-            patch_grid(cfg.model, latent)
-        except ValueError as error:
-            raise ConfigError(f"{error} (latent {tuple(latent)} from {where} through the "
-                              f"autoencoder)") from error
-        latents.append(tuple(latent))
-    return max(latents, key=lambda latent: latent[1] * latent[2] * latent[3])

@@ -16,7 +16,8 @@ from omegaconf import DictConfig
 from models.costs import dit_parameter_count, dit_train_flops
 from models.dit import DiT, patch_grid
 from trainer.build import build_autoencoder
-from trainer.config import ConfigError, check_latent_fits, register_configs, to_train_config
+from trainer.config import ConfigError, register_configs, to_train_config
+from trainer.start_checks import check_latent_fits
 
 
 def describe(cfg) -> list[str]:

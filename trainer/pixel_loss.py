@@ -33,8 +33,9 @@ from models.pixel_loss import (
     take_windows,
 )
 from parallel.parallelize import checkpoint_modules
-from trainer.config import ConfigError, PixelLossConfig, Precision, TrainConfig, sample_shapes
+from trainer.config import ConfigError, PixelLossConfig, Precision, TrainConfig
 from trainer.draws import StepDraws
+from trainer.start_checks import sample_shapes
 
 DTYPES = {Precision.fp32: torch.float32, Precision.bf16: torch.bfloat16}
 

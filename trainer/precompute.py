@@ -53,8 +53,9 @@ from models.init import initial_value
 from models.text import TextConditioner
 from parallel.mesh import MeshDims, init_parallel, shutdown
 from trainer.build import build_autoencoder, build_meta_model
-from trainer.config import ConfigError, TrainConfig, check_latent_fits, to_train_config
+from trainer.config import ConfigError, TrainConfig, to_train_config
 from trainer.precision import autocast
+from trainer.start_checks import check_latent_fits
 
 log = logging.getLogger(__name__)
 USAGE = "python -m trainer.precompute output=DIR [batch=16] [training overrides ...]"

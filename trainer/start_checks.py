@@ -5,16 +5,20 @@ or hours of training. Each raises a ConfigError naming the key and the fix."""
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
+from data.shards import WebDatasetConfig
+from models.dit import patch_grid
+from parallel.mesh import MeshDims
 from trainer.config import (
     ConfigError,
+    CPMode,
     RecipeConfig,
     SyntheticDataConfig,
     Task,
     TrainConfig,
-    sample_shapes,
 )
 from trainer.video_quality import SSIM_TAPS
 
@@ -97,3 +101,55 @@ def check_written_videos(cfg: TrainConfig) -> None:
             raise ConfigError(f"{_size_key(cfg, height, width)}: validation measures SSIM "
                               f"with an {SSIM_TAPS}-pixel window, which needs frames of at "
                               f"least {SSIM_TAPS}x{SSIM_TAPS}; use larger sizes")
+
+
+def check_parallel_fits(cfg: TrainConfig, world_size: int) -> MeshDims:
+    """Mesh sizes against the process count, the heads and the batch; the resolved dims."""
+    par = cfg.parallel
+    try:
+        dims = MeshDims(par.dp_replicate, par.dp_shard, par.cp, par.tp).resolved(world_size)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    heads = cfg.model.heads
+    if heads % dims.tp:
+        raise ConfigError(f"model.heads={heads} is not divisible by parallel.tp={dims.tp}: "
+                          f"tensor parallelism splits whole heads")
+    if par.cp_mode is CPMode.ulysses and dims.cp > 1 and heads % (dims.tp * dims.cp):
+        raise ConfigError(f"parallel.cp_mode=ulysses needs model.heads={heads} divisible by "
+                          f"parallel.tp × parallel.cp = {dims.tp} × {dims.cp}; change cp/tp "
+                          f"or use parallel.cp_mode=allgather_kv or ring")
+    if cfg.recipe.batch_size % dims.dp:
+        raise ConfigError(f"recipe.batch_size={cfg.recipe.batch_size} (the global batch) is "
+                          f"not divisible by the {dims.dp} data-parallel replicas "
+                          f"(parallel.dp_replicate × dp_shard = {dims.dp_replicate} × "
+                          f"{dims.dp_shard})")
+    return dims
+
+
+def sample_shapes(data: Any) -> list[tuple[int, int, int]]:
+    """Every (frames, height, width) a batch of this data config can have."""
+    if isinstance(data, WebDatasetConfig):
+        return [(b.frames, b.height, b.width) for b in data.grid().shapes()]
+    return [(data.frames, data.height, data.width)]
+
+
+def check_latent_fits(cfg: TrainConfig, autoencoder: Any) -> tuple[int, int, int, int]:
+    """Every shape the data can produce must pass the autoencoder and fit the DiT's patches
+    and tables.
+
+    Returns the latent shape (C, T, H, W) with the most tokens (the one sampled).
+    """
+    latents = []
+    for frames, height, width in sample_shapes(cfg.data):
+        where = f"data frames/height/width={frames}/{height}/{width}"
+        try:
+            latent = autoencoder.latent_shape(frames, height, width)
+        except ValueError as error:
+            raise ConfigError(f"{where} do not fit the autoencoder: {error}") from error
+        try:
+            patch_grid(cfg.model, latent)
+        except ValueError as error:
+            raise ConfigError(f"{error} (latent {tuple(latent)} from {where} through the "
+                              f"autoencoder)") from error
+        latents.append(tuple(latent))
+    return max(latents, key=lambda latent: latent[1] * latent[2] * latent[3])

@@ -19,13 +19,14 @@ from data.latent_shards import LatentDataConfig, cache_dir, load_null_text
 from models.dit import patch_grid
 from parallel.mesh import ParallelContext
 from trainer.build import build_autoencoder, build_flow, build_model
-from trainer.config import SyntheticDataConfig, TrainConfig, check_latent_fits
+from trainer.config import SyntheticDataConfig, TrainConfig
 from trainer.draws import StepDraws
 from trainer.objective import Text, latent_flow_loss, text_sensitivity
 from trainer.pixel_loss import build_pixel_loss
 from trainer.precision import autocast
 from trainer.precompute import check_cache
 from trainer.sampling import generate, write_videos
+from trainer.start_checks import check_latent_fits
 from trainer.text_following import held_out_prompts, sample_and_judge
 
 

@@ -33,7 +33,6 @@ from trainer.config import (
     ConfigError,
     Engine,
     TrainConfig,
-    check_parallel_fits,
     register_configs,
     to_train_config,
 )
@@ -46,7 +45,7 @@ from trainer.metrics import Monitor
 from trainer.optim import build_optimizer
 from trainer.precision import autocast
 from trainer.resume_settings import check_resume, launch_metadata, with_run_config
-from trainer.start_checks import check_start
+from trainer.start_checks import check_parallel_fits, check_start
 from trainer.tasks import build_task
 
 
