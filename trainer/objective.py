@@ -68,6 +68,15 @@ def flow_matching_loss(model: TextToVideo, autoencoder: nn.Module, flow: FlowMat
     return latent_flow_loss(model, flow, x1, captions, draws, caption_dropout, rows)
 
 
+def draw_noise_and_t(flow: FlowMatching, draws: StepDraws, rows: slice, x1: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The noise x0 (rows, *x1.shape[1:]) on x1's device and dtype and t (rows,) of the
+    global samples ``rows``: the same draws whichever task, rank or side asks for them."""
+    x0 = draws.per_sample("noise", rows, lambda g: flow.noise((1, *x1.shape[1:]), g))
+    t = draws.per_sample("t", rows, lambda g: flow.sample_t(1, g))
+    return x0.to(x1.device, x1.dtype), t.to(x1.device)
+
+
 def latent_flow_loss(model: TextToVideo, flow: FlowMatching, x1: torch.Tensor, text: Text,
                      draws: StepDraws, caption_dropout: float = 0.0,
                      rows: slice | None = None, null_text: dict | None = None,
@@ -85,9 +94,7 @@ def latent_flow_loss(model: TextToVideo, flow: FlowMatching, x1: torch.Tensor, t
     if rows.stop - rows.start != x1.shape[0]:
         raise ValueError(f"rows {rows} do not match the {x1.shape[0]} latents given")
     text = drop_text(text, caption_keep_mask(draws, rows, caption_dropout), null_text)
-    x0 = draws.per_sample("noise", rows, lambda g: flow.noise((1, *x1.shape[1:]), g))
-    x0 = x0.to(x1.device, x1.dtype)
-    t = draws.per_sample("t", rows, lambda g: flow.sample_t(1, g)).to(x1.device)
+    x0, t = draw_noise_and_t(flow, draws, rows, x1)
     velocity = model(flow.interpolate(x0, x1, t), t, text)
     if on_prediction is not None:
         on_prediction(x0, x1, t, velocity)

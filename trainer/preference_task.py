@@ -38,7 +38,7 @@ from parallel.mesh import ParallelContext
 from trainer.build import build_model
 from trainer.config import TrainConfig
 from trainer.draws import StepDraws
-from trainer.objective import Text, caption_keep_mask, drop_text
+from trainer.objective import Text, caption_keep_mask, draw_noise_and_t, drop_text
 from trainer.precision import autocast
 from trainer.preference_config import PreferenceLoss, check_preference
 from trainer.t2v_task import TextToVideoTask
@@ -125,10 +125,8 @@ class PreferenceTask(TextToVideoTask):
             raise ValueError(f"rows {rows} do not match the {x1.shape[0] // 2} pairs given")
         text = both_sides(drop_text(text, caption_keep_mask(draws, rows, caption_dropout),
                                     self.null_text))
-        shape = (1, *x1.shape[1:])
-        x0 = draws.per_sample("noise", rows, lambda g: flow.noise(shape, g))
-        t = draws.per_sample("t", rows, lambda g: flow.sample_t(1, g)).to(x1.device)
-        x0, t2 = torch.cat([x0, x0]).to(x1.device, x1.dtype), torch.cat([t, t])
+        x0, t = draw_noise_and_t(flow, draws, rows, x1[: x1.shape[0] // 2])
+        x0, t2 = torch.cat([x0, x0]), torch.cat([t, t])
         x_t, target = flow.interpolate(x0, x1, t2), flow.target(x0, x1)
         velocity = model(x_t, t2, text)
         error_win, error_lose = halves(per_sample_error(velocity, target))
