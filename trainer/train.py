@@ -45,6 +45,7 @@ from trainer.metrics import Monitor
 from trainer.optim import build_optimizer
 from trainer.precision import autocast
 from trainer.resume_settings import check_resume, launch_metadata, with_run_config
+from trainer.run_lock import RunDirInUse, RunDirLock
 from trainer.start_checks import check_parallel_fits, check_start
 from trainer.tasks import build_task
 
@@ -176,6 +177,7 @@ def train(cfg: TrainConfig, run_dir: Path, config_dict: dict) -> bool:
     stopped the run after checkpointing (the caller exits with the requeue code)."""
     check_start(cfg)
     ctx = start_parallel(cfg)
+    lock = RunDirLock(run_dir).acquire(ctx.is_main)  # before anything in it is written
     preemption = PreemptionFlag(ctx.device)  # from here a signal checkpoints, not kills
     torch.manual_seed(cfg.trainer.seed)
     task = build_task(cfg, ctx)
@@ -247,6 +249,7 @@ def train(cfg: TrainConfig, run_dir: Path, config_dict: dict) -> bool:
             break
     checkpointer.wait()
     preemption.close()
+    lock.release()
     monitor.close()
     shutdown(ctx)
     return preempted
@@ -263,6 +266,8 @@ def main(cfg: DictConfig) -> None:
         preempted = train(to_train_config(cfg), run_dir, config_dict)
     except ConfigError as error:
         raise SystemExit(f"config error: {error}") from None
+    except RunDirInUse as error:
+        raise SystemExit(str(error)) from None
     if preempted:
         raise SystemExit(REQUEUE_EXIT_CODE)
 
