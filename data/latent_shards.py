@@ -18,12 +18,16 @@ text {NAME: (states (B, L, E), mask (B, L))}, fps (B,), caption, key, bucket}.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from hydra.utils import get_class
+from omegaconf import OmegaConf
 from safetensors import SafetensorError
 from safetensors.torch import load, load_file, save
 
@@ -147,3 +151,69 @@ def load_null_text(directory: str) -> Encoded:
                                 f"cache shards; data.shards must name a complete cache")
     return {name: (states[None], mask[None])
             for name, (states, mask) in unpack_text(load_file(path)).items()}
+
+
+class CacheMismatch(ValueError):
+    """The config differs from the one a cache was written with; the message names the
+    key, both values and the fix."""
+
+
+def check_frozen_text(text_encoders: Mapping[str, Any]) -> None:
+    """Cached encodings are only valid for encoders that never change."""
+    for name, node in text_encoders.items():
+        if getattr(node, "trainable", False):
+            raise CacheMismatch(
+                f"text.encoders.{name}.trainable=true: a trainable encoder changes as the "
+                f"DiT trains, so its cached output would go stale; set "
+                f"text.encoders.{name}.trainable=false, or train from the raw shards "
+                f"(data=webdataset) to train it")
+
+
+def _plain(node: Any) -> Any:
+    """A config dataclass (or dict of them) as plain JSON values."""
+    return json.loads(json.dumps(OmegaConf.to_container(OmegaConf.structured(node),
+                                                        enum_to_str=True)))
+
+
+def cache_manifest(data: WebDatasetConfig, autoencoder: Any, text: Any, seed: int,
+                   preference: bool) -> dict[str, Any]:
+    """Everything that decides the cached values, by the config key that sets it: the
+    decode (``data``), the ``autoencoder`` and ``text`` config groups, ``trainer.seed``
+    when an encoder takes its values from it, and whether the samples are preference
+    pairs."""
+    autoencoder = _plain(autoencoder)
+    checkpoint = autoencoder.pop("checkpoint", None)
+    if checkpoint:  # the weights count, not where the file lies
+        with open(checkpoint, "rb") as file:
+            autoencoder["checkpoint_sha256"] = hashlib.file_digest(file, "sha256").hexdigest()
+    encoders = _plain(text)["encoders"]
+    # Only an encoder without pretrained weights takes its values from the seed.
+    seeded = any(not hasattr(get_class(node["_target_"]), "pretrained_tensor")
+                 for node in encoders.values())
+    manifest = {"data.fps": data.fps, "data.sizes": [list(s) for s in data.sizes],
+                "data.durations": list(data.durations), "autoencoder": autoencoder,
+                "text.encoders": encoders, "trainer.seed": seed if seeded else None}
+    if preference:  # only then: caches written before pairs existed stay valid
+        manifest["data.preference"] = True
+    return manifest
+
+
+def compare_manifest(current: dict, written: dict, what: str, fix: str) -> None:
+    """Raise CacheMismatch at the first key whose value differs from the written one."""
+    for key, value in current.items():
+        if written.get(key) != value:
+            raise CacheMismatch(f"{key}={value} but {what} was written with {key}="
+                                f"{written.get(key)}; {fix}")
+
+
+def check_cache(data: LatentDataConfig, current: dict) -> None:
+    """Training from a cache (``data=latents``): ``current`` (``cache_manifest`` of the
+    run's config) must be what the cache was written with, else the DiT would learn from
+    encodings its own encoders do not give."""
+    directory = cache_dir(data)
+    written = read_manifest(directory)
+    if written is None:
+        raise CacheMismatch(f"data.shards={data.shards!r} lies in {directory}, which has no "
+                            f"{MANIFEST}: it is not a cache written by trainer.precompute")
+    compare_manifest(current, written, f"the cache in {directory}",
+                     "train with those values, or precompute a new cache with this config")

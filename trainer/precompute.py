@@ -14,12 +14,12 @@ One cache shard per raw shard, same file name, same sample order; bad samples ar
 and counted. Under torchrun rank r of W takes raw shards r, r + W, ... A cache shard that
 exists is complete (``write_shard`` renames it into place), so a restart skips it.
 ``cache.json`` records the config that wrote the cache: a restart with another one is
-refused, and training from the cache checks its config against it (``check_cache``).
+refused, and training from the cache checks its config against it
+(``data.latent_shards.check_cache``).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -30,8 +30,6 @@ from typing import Any
 
 import torch
 from hydra import compose, initialize_config_dir
-from hydra.utils import get_class
-from omegaconf import OmegaConf
 from safetensors.torch import save
 from tqdm import tqdm
 
@@ -39,14 +37,14 @@ from data.decode import Skip
 from data.latent_shards import (
     MANIFEST,
     NULL_TEXT,
+    CacheMismatch,
     LatentDataConfig,
-    cache_dir,
+    compare_manifest,
     pack_sample,
     read_manifest,
     text_tensors,
     write_atomically,
 )
-from data.preference_shards import is_preference
 from data.shards import VideoShards, WebDatasetConfig, read_meta, write_shard
 from data.tars import TarReadError, check_tar
 from models.init import initial_value
@@ -55,66 +53,10 @@ from parallel.mesh import MeshDims, init_parallel, shutdown
 from trainer.build import build_autoencoder, build_meta_model
 from trainer.config import ConfigError, TrainConfig, to_train_config
 from trainer.precision import autocast
-from trainer.start_checks import check_latent_fits
+from trainer.start_checks import check_latent_fits, check_text_frozen, manifest_of
 
 log = logging.getLogger(__name__)
 USAGE = "python -m trainer.precompute output=DIR [batch=16] [training overrides ...]"
-
-
-def check_frozen_text(cfg: TrainConfig) -> None:
-    """Cached encodings are only valid for encoders that never change."""
-    for name, node in cfg.text.encoders.items():
-        if getattr(node, "trainable", False):
-            raise ConfigError(
-                f"text.encoders.{name}.trainable=true: a trainable encoder changes as the "
-                f"DiT trains, so its cached output would go stale; set "
-                f"text.encoders.{name}.trainable=false, or train from the raw shards "
-                f"(data=webdataset) to train it")
-
-
-def _plain(node: Any) -> Any:
-    """A config dataclass (or dict of them) as plain JSON values."""
-    return json.loads(json.dumps(OmegaConf.to_container(OmegaConf.structured(node),
-                                                        enum_to_str=True)))
-
-
-def manifest_of(cfg: TrainConfig) -> dict[str, Any]:
-    """Everything that decides the cached values, by the config key that sets it."""
-    autoencoder = _plain(cfg.autoencoder)
-    checkpoint = autoencoder.pop("checkpoint", None)
-    if checkpoint:  # the weights count, not where the file lies
-        with open(checkpoint, "rb") as file:
-            autoencoder["checkpoint_sha256"] = hashlib.file_digest(file, "sha256").hexdigest()
-    text = _plain(cfg.text)["encoders"]
-    # Only an encoder without pretrained weights takes its values from the seed.
-    seeded = any(not hasattr(get_class(node["_target_"]), "pretrained_tensor")
-                 for node in text.values())
-    manifest = {"data.fps": cfg.data.fps, "data.sizes": [list(s) for s in cfg.data.sizes],
-                "data.durations": list(cfg.data.durations), "autoencoder": autoencoder,
-                "text.encoders": text, "trainer.seed": cfg.trainer.seed if seeded else None}
-    if is_preference(cfg.data):  # only then: caches written before pairs existed stay valid
-        manifest["data.preference"] = True
-    return manifest
-
-
-def check_cache(cfg: TrainConfig) -> None:
-    """Training from a cache (``data=latents``): the config must be the one it was
-    written with, else the DiT would learn from encodings its own encoders do not give."""
-    check_frozen_text(cfg)
-    directory = cache_dir(cfg.data)
-    written = read_manifest(directory)
-    if written is None:
-        raise ConfigError(f"data.shards={cfg.data.shards!r} lies in {directory}, which has no "
-                          f"{MANIFEST}: it is not a cache written by trainer.precompute")
-    _compare(manifest_of(cfg), written, f"the cache in {directory}",
-             "train with those values, or precompute a new cache with this config")
-
-
-def _compare(current: dict, written: dict, what: str, fix: str) -> None:
-    for key, value in current.items():
-        if written.get(key) != value:
-            raise ConfigError(f"{key}={value} but {what} was written with {key}="
-                              f"{written.get(key)}; {fix}")
 
 
 @torch.no_grad()
@@ -123,7 +65,7 @@ def build_frozen_text(cfg: TrainConfig, device: torch.device) -> TextConditioner
     meta like the training model, each encoder parameter filled with its initial value for
     (``trainer.seed``, full parameter name) or read from its pretrained file. Only
     ``encode`` may be called: the projections stay on meta."""
-    check_frozen_text(cfg)
+    check_text_frozen(cfg)
     model = build_meta_model(cfg)
     encoders = model.text.encoders.to_empty(device=device)
     for name, param in encoders.named_parameters(prefix="text.encoders"):
@@ -232,7 +174,10 @@ def precompute(cfg: TrainConfig, output: str, batch: int = 16) -> Counter:
         manifest = manifest_of(cfg)
         written = read_manifest(output)
         if written is not None:
-            _compare(manifest, written, f"output={output}", "use a new output folder")
+            try:
+                compare_manifest(manifest, written, f"output={output}", "use a new output folder")
+            except CacheMismatch as error:
+                raise ConfigError(str(error)) from None
         encoder = Encoder(cfg, ctx.device)
         if ctx.is_main:
             null = {name: (s[0], m[0]) for name, (s, m) in encoder.text_of([""]).items()}

@@ -9,6 +9,14 @@ from typing import Any
 
 import torch
 
+from data.latent_shards import (
+    CacheMismatch,
+    LatentDataConfig,
+    cache_manifest,
+    check_cache,
+    check_frozen_text,
+)
+from data.preference_shards import is_preference
 from data.shards import WebDatasetConfig
 from models.dit import patch_grid
 from parallel.mesh import MeshDims
@@ -153,3 +161,26 @@ def check_latent_fits(cfg: TrainConfig, autoencoder: Any) -> tuple[int, int, int
                               f"autoencoder)") from error
         latents.append(tuple(latent))
     return max(latents, key=lambda latent: latent[1] * latent[2] * latent[3])
+
+
+def manifest_of(cfg: TrainConfig) -> dict[str, Any]:
+    """``cache_manifest`` of a run's config: what decides the values a cache holds."""
+    return cache_manifest(cfg.data, cfg.autoencoder, cfg.text, cfg.trainer.seed,
+                          is_preference(cfg.data))
+
+
+def check_text_frozen(cfg: TrainConfig) -> None:
+    """Cached encodings need encoders that never change."""
+    try:
+        check_frozen_text(cfg.text.encoders)
+    except CacheMismatch as error:
+        raise ConfigError(str(error)) from None
+
+
+def check_cache_matches(cfg: TrainConfig, data: LatentDataConfig) -> None:
+    """Training from a cache: the run's config must be the one that wrote it."""
+    check_text_frozen(cfg)
+    try:
+        check_cache(data, manifest_of(cfg))
+    except CacheMismatch as error:
+        raise ConfigError(str(error)) from None

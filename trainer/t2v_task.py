@@ -24,9 +24,8 @@ from trainer.draws import StepDraws
 from trainer.objective import Text, latent_flow_loss, text_sensitivity
 from trainer.pixel_loss import build_pixel_loss
 from trainer.precision import autocast
-from trainer.precompute import check_cache
 from trainer.sampling import generate, write_videos
-from trainer.start_checks import check_latent_fits
+from trainer.start_checks import check_cache_matches, check_latent_fits
 from trainer.text_following import held_out_prompts, sample_and_judge
 
 
@@ -39,7 +38,7 @@ class TextToVideoTask:
         self.pixel_loss = build_pixel_loss(cfg, self.autoencoder, self.flow)  # None: off
         self.null_text = None  # the cached encoding of "", with data=latents
         if isinstance(cfg.data, LatentDataConfig):
-            check_cache(cfg)
+            check_cache_matches(cfg, cfg.data)
             self.null_text = load_null_text(cache_dir(cfg.data))
 
     def build_model(self) -> nn.Module:

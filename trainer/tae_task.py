@@ -46,7 +46,8 @@ class AutoencoderTask:
             model = AutoencoderTraining(instantiate(self.cfg.autoencoder), discriminator)
         parallelize_autoencoder(model, self.ctx, DTYPES[self.cfg.parallel.param_dtype])
         materialise(model, self.ctx.device, self.cfg.trainer.seed)
-        self.latent_shape = model.autoencoder.latent_shape
+        # a function of the video size here; the DiT task's latent_shape is one shape
+        self.latent_shape_of = model.autoencoder.latent_shape
         return model
 
     def describe(self) -> str:
@@ -81,7 +82,7 @@ class AutoencoderTask:
     def tokens(self, batch: dict[str, Any]) -> int:
         """Latent positions (T'·H'·W') in this rank's batch."""
         batch_size, _, frames, height, width = batch["video"].shape
-        return batch_size * math.prod(self.latent_shape(frames, height, width)[1:])
+        return batch_size * math.prod(self.latent_shape_of(frames, height, width)[1:])
 
     @torch.no_grad()
     def reconstruct(self, model: nn.Module, video: torch.Tensor) -> torch.Tensor:
