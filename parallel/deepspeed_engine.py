@@ -32,13 +32,21 @@ from parallel.mesh import ParallelContext
 CHECKPOINT_TAG = "deepspeed"  # DeepSpeed's files go to <directory>/deepspeed/
 
 
-def check_dims(ctx: ParallelContext) -> None:
+def check_dims(tp: int, cp: int) -> None:
     """DeepSpeed shards over data parallelism only: tensor/context parallel must be off."""
-    if ctx.dims.tp != 1 or ctx.dims.cp != 1:
+    if tp > 1 or cp > 1:
         raise ValueError(
             f"parallel.engine=deepspeed supports data parallelism only, but parallel.tp="
-            f"{ctx.dims.tp} and parallel.cp={ctx.dims.cp}; set parallel.tp=1 parallel.cp=1 "
-            f"(every rank then is a ZeRO data-parallel rank) or use parallel.engine=fsdp2")
+            f"{tp} and parallel.cp={cp}; set parallel.tp=1 parallel.cp=1 (every rank then "
+            f"is a ZeRO data-parallel rank) or use parallel.engine=fsdp2")
+
+
+def check_zero(zero_stage: int, offload_params: bool) -> None:
+    if zero_stage not in (1, 2, 3):
+        raise ValueError(f"parallel.zero_stage={zero_stage} must be 1, 2 or 3")
+    if offload_params and zero_stage != 3:
+        raise ValueError(f"parallel.offload_params=true needs parallel.zero_stage=3 (got "
+                         f"{zero_stage}): only ZeRO-3 partitions the parameters")
 
 
 def import_deepspeed(device: torch.device):
@@ -58,11 +66,7 @@ def import_deepspeed(device: torch.device):
 def ds_config(batch_size: int, dp_size: int, grad_clip: float, zero_stage: int,
               offload_optimizer: bool, offload_params: bool) -> dict:
     """The DeepSpeed config: micro-batch from the global batch, clipping, ZeRO switches."""
-    if zero_stage not in (1, 2, 3):
-        raise ValueError(f"parallel.zero_stage={zero_stage} must be 1, 2 or 3")
-    if offload_params and zero_stage != 3:
-        raise ValueError(f"parallel.offload_params=true needs parallel.zero_stage=3 (got "
-                         f"{zero_stage}): only ZeRO-3 partitions the parameters")
+    check_zero(zero_stage, offload_params)
     if batch_size % dp_size:
         raise ValueError(f"recipe.batch_size={batch_size} (the global batch) is not divisible "
                          f"by the {dp_size} data-parallel ranks; pick a multiple of {dp_size}")
@@ -97,7 +101,7 @@ class DeepSpeedEngine:
     def __init__(self, model: nn.Module, make_optimizer: OptimizerFactory,
                  ctx: ParallelContext, *, batch_size: int, grad_clip: float, zero_stage: int,
                  offload_optimizer: bool = False, offload_params: bool = False):
-        check_dims(ctx)
+        check_dims(ctx.dims.tp, ctx.dims.cp)
         if not dist.is_initialized() and "RANK" not in os.environ:
             raise ValueError("parallel.engine=deepspeed needs torch.distributed: launch with "
                              "torchrun (also for one process: torchrun --nproc_per_node=1)")

@@ -112,7 +112,7 @@ def test_parallel_misconfigurations_name_the_numbers():
 
 @pytest.mark.parametrize("overrides, message", [
     (["parallel=deepspeed", "parallel.tp=2"],
-     "parallel.engine=deepspeed runs data parallelism only, but parallel.tp=2"),
+     "parallel.engine=deepspeed supports data parallelism only, but parallel.tp=2"),
     (["parallel=deepspeed", "parallel.zero_stage=4"], "parallel.zero_stage=4 must be 1, 2 or 3"),
     (["parallel=deepspeed", "parallel.offload_params=true"],
      "parallel.offload_params=true needs parallel.zero_stage=3"),

@@ -29,6 +29,7 @@ from models.pretrained_text import (
 )
 from models.tae import TAEConfig
 from models.tae_losses import TAELossConfig
+from parallel.deepspeed_engine import check_dims, check_zero
 from trainer.config_guards import check_known_keys, check_targets
 
 
@@ -145,16 +146,12 @@ class ParallelConfig:
                               f"(minutes a collective may wait before the run fails)")
         if self.checkpoint_every < 1:
             raise ConfigError(f"parallel.checkpoint_every={self.checkpoint_every} must be >= 1")
-        if self.zero_stage not in (1, 2, 3):
-            raise ConfigError(f"parallel.zero_stage={self.zero_stage} must be 1, 2 or 3")
-        if self.offload_params and self.zero_stage != 3:
-            raise ConfigError(f"parallel.offload_params=true needs parallel.zero_stage=3 "
-                              f"(got {self.zero_stage})")
-        if self.engine is Engine.deepspeed and (self.tp > 1 or self.cp > 1):
-            raise ConfigError(f"parallel.engine=deepspeed runs data parallelism only, but "
-                              f"parallel.tp={self.tp} and parallel.cp={self.cp}; use "
-                              f"parallel.engine=fsdp2 for tensor/context parallelism or set "
-                              f"both to 1")
+        try:
+            check_zero(self.zero_stage, self.offload_params)
+            if self.engine is Engine.deepspeed:
+                check_dims(self.tp, self.cp)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
 
 
 class PixelTarget(Enum):

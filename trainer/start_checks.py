@@ -20,6 +20,7 @@ from data.preference_shards import is_preference
 from data.shards import WebDatasetConfig
 from models.dit import patch_grid
 from parallel.mesh import MeshDims
+from parallel.tensor_parallel import check_heads
 from trainer.config import (
     ConfigError,
     CPMode,
@@ -119,9 +120,10 @@ def check_parallel_fits(cfg: TrainConfig, world_size: int) -> MeshDims:
     except ValueError as error:
         raise ConfigError(str(error)) from None
     heads = cfg.model.heads
-    if heads % dims.tp:
-        raise ConfigError(f"model.heads={heads} is not divisible by parallel.tp={dims.tp}: "
-                          f"tensor parallelism splits whole heads")
+    try:
+        check_heads(heads, dims.tp)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     if par.cp_mode is CPMode.ulysses and dims.cp > 1 and heads % (dims.tp * dims.cp):
         raise ConfigError(f"parallel.cp_mode=ulysses needs model.heads={heads} divisible by "
                           f"parallel.tp × parallel.cp = {dims.tp} × {dims.cp}; change cp/tp "
