@@ -91,9 +91,16 @@ def read_launch_env(environ: dict[str, str] | None = None) -> LaunchEnv:
         for key in ("MASTER_ADDR", "MASTER_PORT"):
             if key not in env:
                 raise ValueError(f"SLURM job without {key}: export it in the sbatch script "
-                                 f"(launch/slurm.sbatch does) before srun")
+                                 f"before srun (launch/slurm.sbatch and the setup of "
+                                 f"hydra/launcher=slurm, conf/hydra/launcher/slurm.yaml, do)")
         return LaunchEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]),
                          int(env.get("SLURM_LOCALID", 0)), "slurm")
+    local_tasks = int(env.get("SUBMITIT_LOCAL_NTASKS", "1"))
+    if local_tasks > 1:
+        raise ValueError(f"hydra.launcher.tasks_per_node={local_tasks} under submitit_local "
+                         f"starts separate processes with no process group between them; "
+                         f"set it to 1 (cluster=local does) and run a multi-process mesh "
+                         f"with launch/torchrun.sh")
     return LaunchEnv(0, 1, 0, "none")
 
 
