@@ -29,12 +29,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import webdataset as wds
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from data.curation.job import read_json, write_json
 from data.shards import expand_shards, write_shard
+from data.sources import open_source
 
 USAGE = ("python -m data.select input='curated/{000000..000099}.tar' output=sft/ top=2000 "
          "val=100 score.sharpness=1 score.motion=1")
@@ -87,7 +87,7 @@ def tar_members(url: str, wanted_ext: str | None = None):
     local = "://" not in url and not url.startswith("pipe:")
     try:
         with (tarfile.open(url) if local else
-              tarfile.open(fileobj=wds.gopen(url), mode="r|*")) as tar:
+              tarfile.open(fileobj=open_source(url), mode="r|*")) as tar:
             for member in tar:
                 key, _, ext = Path(member.name).name.partition(".")
                 ext = ext.lower()

@@ -6,6 +6,11 @@ Shard format: a sample is the tar members sharing a key (the name up to its firs
 clip ``start``/``end`` in seconds, sampling ``weight``: a sample is used floor(weight)
 times per epoch, plus once more with probability equal to the fraction).
 
+A weight that is not a finite number >= 0 skips the sample as ``bad_weight``; one above
+MAX_SAMPLE_WEIGHT is used as that, logged: uncapped, 1e9 would put one clip a billion
+times into each epoch, and skipping would drop what curation's balancing (1/sqrt(cluster
+size), mean 1) weights most: a rare cluster's clips, past 100 on sets of many millions.
+
 Order and resume. Epoch e shuffles the shard list with (seed, e); data-parallel rank r
 takes every dp_size-th shard from r, DataLoader worker w every num_workers-th of those.
 A worker reads its shards in order; a position is (epoch, shard, sample, copy).
@@ -15,7 +20,10 @@ those, skips everything else before the cursor undecoded, and so yields every sa
 the epoch exactly once.
 
 Bad data never stops iteration: the sample (or the rest of a truncated shard) is skipped,
-logged with its key and shard, and counted by reason in ``ShardBatches.skipped``.
+logged with its key and shard, and counted by reason in ``ShardBatches.skipped``; a
+sample with a member over ``data.max_member_bytes`` (``too_large``) or a repeated key
+(``duplicate_key``: the later one) unread. A source silent for ``data.pipe_stall_s``
+(data/sources.py) is a ``bad_shard``, like one that breaks off.
 """
 
 from __future__ import annotations
@@ -34,20 +42,22 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import webdataset as wds
 from braceexpand import braceexpand
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
 from data.buckets import Bucket, BucketGrid
-from data.decode import Skip, check_caption, decode_image, decode_video, meta_number
+from data.decode import Skip, check_caption, decode_image, decode_video
 from data.loader import collate
+from data.sources import DEFAULT_STALL_S, open_source
+from data.tars import READ_ERRORS, tar_samples
 from data.video import uint8_to_video
 
 log = logging.getLogger(__name__)
 
 VIDEO_EXTS = ("mp4", "webm", "mkv", "mov")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+MAX_SAMPLE_WEIGHT = 100.0  # a larger json weight is used as this (module docstring)
+DEFAULT_MAX_MEMBER_BYTES = 2**31  # data.max_member_bytes, as curation's max_member_bytes
 
 
 def write_shard(path: str | os.PathLike, samples: Iterable[dict[str, Any]]) -> None:
@@ -87,9 +97,24 @@ def read_meta(members: dict[str, bytes]) -> dict[str, Any]:
         meta = json.loads(members["json"])
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise Skip("bad_json", str(err)) from err
+    except RecursionError as err:  # nested thousands deep: the parser's stack runs out
+        raise Skip("bad_json", f"RecursionError: {err}") from err
     if not isinstance(meta, dict):
         raise Skip("bad_json", f"expected an object, got {type(meta).__name__}")
     return meta
+
+
+def sample_weight(key: str, meta: dict[str, Any]) -> float:
+    """Sample `key`'s json ``weight`` (1 without one), at most MAX_SAMPLE_WEIGHT; raises
+    Skip("bad_weight") unless it is a finite number >= 0."""
+    weight = meta.get("weight", 1.0)
+    if isinstance(weight, bool) or not isinstance(weight, int | float) \
+            or not 0 <= weight < math.inf:
+        raise Skip("bad_weight", f"weight={weight!r} must be a finite number >= 0")
+    if weight > MAX_SAMPLE_WEIGHT:
+        log.warning("sample %s: weight %r is above %g, used as %g", key, weight,
+                    MAX_SAMPLE_WEIGHT, MAX_SAMPLE_WEIGHT)
+    return min(float(weight), MAX_SAMPLE_WEIGHT)
 
 
 def read_caption(members: dict[str, bytes], meta: dict[str, Any]) -> str:
@@ -128,13 +153,16 @@ class VideoShards(IterableDataset):
     smaller batches. Each batch also carries its worker's state under ``_state``.
     `weighted=False` uses every sample once per epoch whatever its ``weight`` (held-out
     sets). A subclass reading another sample format overrides ``load_sample`` and
-    ``collate`` only (``data.latent_shards``)."""
+    ``collate`` only (``data.latent_shards``). `stall_s` and `max_member_bytes` are
+    ``data.pipe_stall_s`` and ``data.max_member_bytes``."""
 
     collate = staticmethod(collate)  # samples of one bucket -> one batch
 
     def __init__(self, shards: str | list[str], grid: BucketGrid, fps: float, seed: int = 0,
                  dp_rank: int = 0, dp_size: int = 1, epochs: int | None = None,
-                 weighted: bool = True, key: str = "data.shards"):
+                 weighted: bool = True, key: str = "data.shards",
+                 stall_s: float = DEFAULT_STALL_S,
+                 max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES):
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank={dp_rank} must lie in [0, dp_size={dp_size})")
         self.urls = expand_shards(shards, key)
@@ -143,6 +171,7 @@ class VideoShards(IterableDataset):
                              f"than the {dp_size} data-parallel ranks it must feed")
         self.grid, self.fps, self.seed, self.epochs = grid, fps, seed, epochs
         self.dp_rank, self.dp_size, self.weighted = dp_rank, dp_size, weighted
+        self.stall_s, self.max_member_bytes = stall_s, max_member_bytes
         self.resume: dict[int, dict] = {}  # worker -> state; set before workers start
 
     def identity(self) -> dict[str, int]:
@@ -159,32 +188,28 @@ class VideoShards(IterableDataset):
         random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
         return [self.urls[i] for i in order[self.dp_rank::self.dp_size][worker::num_workers]]
 
-    def read_shard(self, url: str, skipped: Counter) -> Iterator[tuple[int, str, dict[str, bytes]]]:
-        """(index, key, {ext: bytes}) per sample; a broken tar ends the shard, counted."""
-        index, key, members = 0, None, {}
+    def read_shard(self, url: str, skipped: Counter
+                   ) -> Iterator[tuple[int, str, dict[str, bytes] | Skip]]:
+        """(index, key, {ext: bytes}) per sample in shard order, or (index, key, Skip) for
+        one dropped unread (too_large, duplicate_key). A shard that breaks off or stalls
+        ends there, counted as a bad_shard."""
+        key = None
         try:
-            with wds.gopen(url) as stream:
-                for member in tar_file_iterator(stream):
-                    base, ext = base_plus_ext(member["fname"])
-                    if base is None:
-                        continue
-                    if base != key and key is not None:
-                        yield index, key, members
-                        index, members = index + 1, {}
-                    key, members[ext.lower()] = base, member["data"]
-        except (OSError, tarfile.TarError, ValueError) as err:
+            with open_source(url, self.stall_s) as stream:
+                for index, (key, members) in enumerate(tar_samples(stream,
+                                                                   self.max_member_bytes)):
+                    yield index, key, members if isinstance(members, dict) else Skip(*members)
+        except (*READ_ERRORS, ValueError) as err:
             skipped["bad_shard"] += 1
             log.warning("skipping the rest of shard %s after sample %s: %s", url, key, err)
             return  # the half-read last sample is lost with the rest of the shard
-        if key is not None:
-            yield index, key, members
 
     def copies(self, key: str, meta: dict, epoch: int) -> int:
         """How often the sample is used in `epoch`: its curation ``weight``, with the
         fraction a coin flip seeded by (seed, epoch, key), reproducible across resumes."""
+        weight = sample_weight(key, meta)  # checked unweighted too: it is copied into caches
         if not self.weighted:
             return 1
-        weight = meta_number(meta, "weight", 1.0)
         digest = hashlib.blake2b(f"{self.seed}/{epoch}/{key}".encode(), digest_size=8).digest()
         return math.floor(weight) + (int.from_bytes(digest, "big") / 2**64 < weight % 1)
 
@@ -252,6 +277,8 @@ class VideoShards(IterableDataset):
                     if is_fresh:
                         cursor = (epoch, s, i + 1, 0)
                     try:
+                        if isinstance(members, Skip):
+                            raise members
                         sample, copies = self.load_sample(key, members, epoch)
                     except Skip as skip:
                         skipped[skip.reason] += is_fresh
@@ -285,6 +312,7 @@ class VideoShards(IterableDataset):
             cursor = max(cursor, (epoch, 0, 0, 0))
         while buckets:  # the last epoch's part-filled buckets, oldest first
             yield emit(min(buckets, key=lambda b: buckets[b][0][0]))
+        yield tagged({})  # no batch: the samples skipped after the last one still count
 
 
 class MixedShards(IterableDataset):
@@ -408,6 +436,8 @@ class WebDatasetConfig:
     image_shards: str | None = None  # separate image shards, mixed in at image_ratio
     image_ratio: float = 0.1  # image samples per video sample yielded, with image_shards
     val_shards: str | None = None  # held-out shards: validation reads all of them, in order
+    pipe_stall_s: float = DEFAULT_STALL_S  # a pipe:/http(s) shard silent this long: abandoned
+    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES  # a larger member's sample: skipped
 
     def __post_init__(self) -> None:
         if self.fps <= 0:
@@ -421,6 +451,13 @@ class WebDatasetConfig:
             raise ValueError(f"data.image_ratio={self.image_ratio} must be a finite number "
                              f"> 0 (image samples per video sample, e.g. 0.1 for 1:10); to "
                              f"train without the separate images set data.image_shards=null")
+        if not 0 < self.pipe_stall_s < math.inf:
+            raise ValueError(f"data.pipe_stall_s={self.pipe_stall_s} must be a finite number "
+                             f"of seconds > 0: a pipe: or http(s) shard that sends no byte "
+                             f"for that long is abandoned as a bad shard")
+        if self.max_member_bytes < 1:
+            raise ValueError(f"data.max_member_bytes={self.max_member_bytes} must be >= 1 "
+                             f"(a sample with a larger tar member is skipped unread)")
         if self.num_workers < 0 or self.prefetch_factor < 1:
             raise ValueError(f"data.num_workers={self.num_workers} must be >= 0 and "
                              f"data.prefetch_factor={self.prefetch_factor} >= 1")
@@ -436,14 +473,21 @@ class WebDatasetConfig:
         """The dataset class that reads these shards (video shards here)."""
         return VideoShards
 
+    def dataset(self, shards: str, key: str, **options: Any) -> VideoShards:
+        """The reader of `shards`, from config key `key`, with this config's grid, fps,
+        seed and source limits; `options` are VideoShards' (dp_rank, epochs, ...)."""
+        return self.reader()(shards, self.grid(), self.fps, self.seed, key=key,
+                             stall_s=self.pipe_stall_s,
+                             max_member_bytes=self.max_member_bytes, **options)
+
 
 def build_shard_batches(cfg: WebDatasetConfig, dp_rank: int, dp_size: int,
                         epochs: int | None = None) -> ShardBatches:
     """This dp rank's training batches: `cfg.shards`, mixed with `cfg.image_shards` if set."""
-    dataset = cfg.reader()(cfg.shards, cfg.grid(), cfg.fps, cfg.seed, dp_rank, dp_size, epochs)
+    split = dict(dp_rank=dp_rank, dp_size=dp_size, epochs=epochs)
+    dataset = cfg.dataset(cfg.shards, "data.shards", **split)
     if cfg.image_shards is not None:
-        images = cfg.reader()(cfg.image_shards, cfg.grid(), cfg.fps, cfg.seed, dp_rank, dp_size,
-                             epochs, key="data.image_shards")
+        images = cfg.dataset(cfg.image_shards, "data.image_shards", **split)
         readers = dp_size * max(1, cfg.num_workers)
         if len(images.urls) < readers:  # a worker without image shards would yield no image
             raise ValueError(
@@ -458,6 +502,5 @@ def build_shard_batches(cfg: WebDatasetConfig, dp_rank: int, dp_size: int,
 def build_val_shard_batches(cfg: WebDatasetConfig) -> ShardBatches:
     """Every val shard, in a fixed order, each sample once (curation weights ignored), in
     this process: every rank runs the same batches, as sharded models need."""
-    dataset = cfg.reader()(cfg.val_shards, cfg.grid(), cfg.fps, cfg.seed, epochs=1,
-                          weighted=False, key="data.val_shards")
+    dataset = cfg.dataset(cfg.val_shards, "data.val_shards", epochs=1, weighted=False)
     return ShardBatches(dataset, num_workers=0)

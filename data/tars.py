@@ -1,4 +1,4 @@
-"""Reading a tar to its end, or knowing that it was not.
+"""Reading a tar to its end, or knowing that it was not; a streamed tar's samples.
 
 Python's `tarfile` ends an iteration quietly when the next header is missing, cut short or
 unreadable (anywhere but at the start), so a shard truncated by a failed copy reads as a
@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import lzma
 import os
+import re
 import tarfile
 import zlib
+from collections.abc import Iterator
 from typing import BinaryIO
+
+from webdataset.tariterators import base_plus_ext
 
 # What reading a damaged or truncated (possibly compressed) tar raises.
 READ_ERRORS = (OSError, EOFError, zlib.error, lzma.LZMAError, tarfile.TarError)
+WEBDATASET_META = re.compile(r"__[^/]*__($|/)")  # webdataset's own members, not samples
 
 
 class TarReadError(Exception):
@@ -51,3 +56,40 @@ def check_tar(path: str) -> None:
             member_headers(tar, file, path)
     except READ_ERRORS as err:
         raise TarReadError(f"{path}: unreadable: {err}") from err
+
+
+def tar_samples(stream: BinaryIO, max_member_bytes: int
+                ) -> Iterator[tuple[str, dict[str, bytes] | tuple[str, str]]]:
+    """(key, {ext: bytes}) per sample of a streamed webdataset tar, in order: the members
+    sharing a key (the name up to its first dot). A sample dropped unread comes as (key,
+    (reason, detail)): ``too_large`` for a member above `max_member_bytes` (by its header),
+    ``duplicate_key`` for a key with two members of one extension, or that comes again
+    after other samples (the later one). Raises READ_ERRORS where the tar breaks off;
+    the sample being read then is not yielded."""
+    key, members, seen = None, {}, set()
+    with tarfile.open(fileobj=stream, mode="r|*") as tar:
+        for info in tar:
+            tar.members = []  # streamed: keep no list of every header read
+            base, ext = base_plus_ext(info.name)
+            if not info.isreg() or base is None or WEBDATASET_META.match(info.name):
+                continue
+            if base != key:
+                if key is not None:
+                    yield key, members
+                key, members = base, {}
+                if base in seen:
+                    members = ("duplicate_key", "the key came before, with other samples "
+                                                "between")
+                seen.add(base)
+            ext = ext.lower()
+            if isinstance(members, tuple):
+                continue  # the stream passes over the unread data
+            if ext in members:
+                members = ("duplicate_key", f"two .{ext} members")
+            elif info.size > max_member_bytes:
+                members = ("too_large", f"{info.name} is {info.size} bytes > "
+                                        f"data.max_member_bytes={max_member_bytes}")
+            else:
+                members[ext] = tar.extractfile(info).read()
+    if key is not None:
+        yield key, members

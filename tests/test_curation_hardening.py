@@ -27,6 +27,7 @@ from data.curation.raw import raw_samples
 from data.shards import write_shard
 from data.video import route_libav_logs, write_video
 from tests.conftest import compose_train
+from tests.media import audio_only
 from tests.test_curate import CAPTION, FPS, _pan, shard_json
 from trainer.precompute import precompute
 
@@ -62,18 +63,6 @@ def huge_mjpeg() -> bytes:
     sof = bytes([0xFF, 0xC0, 0x00, 0x11, 0x08])  # start of frame: precision, height, width
     return buffer.getvalue().replace(sof + bytes([0, 64, 0, 64]),
                                      sof + (60000).to_bytes(2, "big") * 2)
-
-
-def audio_only() -> bytes:
-    buffer = io.BytesIO()
-    with av.open(buffer, "w", format="matroska") as container:
-        stream = container.add_stream("pcm_s16le", rate=8000)
-        frame = av.AudioFrame.from_ndarray(np.zeros((1, 800), np.int16), format="s16",
-                                           layout="mono")
-        frame.rate = 8000
-        container.mux(stream.encode(frame))
-        container.mux(stream.encode())
-    return buffer.getvalue()
 
 
 def tar_of(path: Path, members: list[tuple[str, bytes]], compress: bool = False) -> None:

@@ -4,7 +4,6 @@ import tarfile
 from itertools import islice
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
 from omegaconf import OmegaConf
@@ -13,6 +12,7 @@ from PIL import Image
 from data.buckets import Bucket, BucketGrid
 from data.shards import ShardBatches, VideoShards, WebDatasetConfig, write_shard
 from data.video import write_video
+from tests.media import audio_only
 
 FPS = 8.0
 # square, landscape and portrait buckets; 4- and 8-frame durations at 8 fps
@@ -31,18 +31,6 @@ def clip(tmp_path, name, frames, height, width, fps=FPS, codec="libx264"):
     path = tmp_path / f"{name}.mp4"
     write_video(path, np.ascontiguousarray(array), fps, codec=codec)
     return path.read_bytes()
-
-
-def audio_only_mkv():
-    buffer = io.BytesIO()
-    with av.open(buffer, "w", format="matroska") as container:
-        stream = container.add_stream("pcm_s16le", rate=8000)
-        frame = av.AudioFrame.from_ndarray(np.zeros((1, 800), np.int16), format="s16",
-                                           layout="mono")
-        frame.rate = 8000
-        for packets in (stream.encode(frame), stream.encode()):
-            container.mux(packets)
-    return buffer.getvalue()
 
 
 def png(height, width):
@@ -163,7 +151,7 @@ def test_every_kind_of_bad_input_is_skipped_counted_and_logged(tmp_path, clips, 
         {"__key__": "badjson", "mp4": good, "json": "{caption: oops"},
         {"__key__": "badstart", "mp4": good, "json": {"caption": "s", "start": "soon"}},
         {"__key__": "textonly", "txt": "no media"},
-        {"__key__": "audio", "mkv": audio_only_mkv(), "txt": "no video stream"},
+        {"__key__": "audio", "mkv": audio_only(), "txt": "no video stream"},
         {"__key__": "codec", "mp4": good.replace(b"avc1", b"zzzz"), "txt": "unknown codec"},
         {"__key__": "short", "mp4": clip(tmp_path, "short", 2, 16, 16), "txt": "2 frames"},
         {"__key__": "ok2", "png": png(16, 16), "txt": "fine"},

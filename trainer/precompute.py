@@ -130,6 +130,8 @@ def cache_samples(url: str, reader: VideoShards, encoder: Encoder, batch: int,
     chunk: list[tuple[dict, dict]] = []
     for _, key, members in reader.read_shard(url, counts):
         try:
+            if isinstance(members, Skip):  # dropped unread: too_large, duplicate_key
+                raise members
             sample, _ = reader.load_sample(key, members, epoch=0)
             chunk.append((read_meta(members), sample))
         except Skip as skip:
@@ -164,8 +166,7 @@ def precompute(cfg: TrainConfig, output: str, batch: int = 16) -> Counter:
     ctx = init_parallel(MeshDims(), torch.device(cfg.trainer.device).type)
     try:
         # every sample once (weights apply in training); preference shards read as pairs
-        reader = cfg.data.reader()(cfg.data.shards, cfg.data.grid(), cfg.data.fps,
-                                   cfg.data.seed, weighted=False)
+        reader = cfg.data.dataset(cfg.data.shards, "data.shards", weighted=False)
         names = [shard_name(url) for url in reader.urls]
         if len(set(names)) < len(names):
             raise ConfigError(f"data.shards={cfg.data.shards!r} names two shards with one file "

@@ -53,7 +53,7 @@ MAY_CHANGE = (
     "text.encoders.*.shard", "recipe.pixel_loss.checkpointing",
     # held-out data; per-bucket batch sizes (a batch ramp keeps the shard positions)
     "data.val_shards", "data.val_samples", "data.judge_prompts", "data.prefetch_factor",
-    "data.batch_sizes", "data.image_batch_size",
+    "data.batch_sizes", "data.image_batch_size", "data.pipe_stall_s",
 )
 
 
