@@ -14,10 +14,10 @@ size), mean 1) weights most: a rare cluster's clips, past 100 on sets of many mi
 Order and resume. Epoch e shuffles the shard list with (seed, e); data-parallel rank r
 takes every dp_size-th shard from r, DataLoader worker w every num_workers-th of those.
 A worker reads its shards in order; a position is (epoch, shard, sample, copy).
-Decoded samples wait in their bucket until the bucket holds a batch. A worker's state is
-its read cursor plus the positions still waiting in buckets: on resume it re-reads only
-those, skips everything else before the cursor undecoded, and so yields every sample of
-the epoch exactly once.
+Decoded samples wait in their bucket until the bucket holds a batch. A worker's state
+(data/shard_state.py) is its read cursor plus the positions still waiting in buckets: on
+resume it re-reads only those, skips everything else before the cursor undecoded, and so
+yields every sample of the epoch exactly once.
 
 Bad data never stops iteration: the sample (or the rest of a truncated shard) is skipped,
 logged with its key and shard, and counted by reason in ``ShardBatches.skipped``; a
@@ -43,11 +43,12 @@ from typing import Any
 
 import torch
 from braceexpand import braceexpand
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 
 from data.buckets import Bucket, BucketGrid
 from data.decode import Skip, check_caption, decode_image, decode_video
 from data.loader import collate
+from data.shard_state import FRESH_STATE, BucketBatches, Position, ReadProgress, ShardBatches
 from data.sources import DEFAULT_STALL_S, open_source
 from data.tars import READ_ERRORS, tar_samples
 from data.video import uint8_to_video
@@ -143,9 +144,6 @@ def expand_shards(pattern: str | list[str], key: str = "data.shards") -> list[st
     return urls
 
 
-FRESH_STATE = {"cursor": [0, 0, 0, 0], "pending": [], "skipped": {}}  # a VideoShards worker's
-
-
 class VideoShards(IterableDataset):
     """Batches {video (B, 3, T, H, W) in [-1, 1], fps (B,), caption, key, bucket [T, H, W]}
     of this data-parallel rank, each from one bucket. `epochs=None` loops forever,
@@ -238,81 +236,88 @@ class VideoShards(IterableDataset):
                   "caption": caption.strip(), "key": key, "bucket": bucket}
         return sample, copies
 
+    def load_or_skip(self, url: str, key: str, members: dict[str, bytes] | Skip, epoch: int,
+                     skipped: Counter, count: int) -> tuple[dict[str, Any] | None, int]:
+        """load_sample's (sample, copies); (None, 0) for a sample skipped or dropped by
+        its weight, logged, with `count` (1, or 0 for one counted before) added to its
+        reason in `skipped`."""
+        try:
+            if isinstance(members, Skip):
+                raise members
+            sample, copies = self.load_sample(key, members, epoch)
+        except Skip as skip:
+            skipped[skip.reason] += count
+            log.warning("skipping sample %s of shard %s: %s", key, url, skip)
+            return None, 0
+        except Exception:  # a decoder failing in a way not foreseen above
+            skipped["decode_error"] += count
+            log.exception("skipping sample %s of shard %s", key, url)
+            return None, 0
+        if sample is None:
+            skipped["dropped_by_weight"] += count
+        return sample, copies
+
+    def epoch_samples(self, epoch: int, shards: list[str], progress: ReadProgress,
+                      replay: set[Position]) -> Iterator[tuple[Position, Bucket, dict[str, Any]]]:
+        """(position, bucket, sample) per use in `epoch` of each sample of `shards` (this
+        worker's, in the epoch's order): the uses at or after ``progress.cursor``, and
+        those in `replay`. The cursor moves past each use before it is yielded and past
+        each sample skipped; only samples at or after the cursor count their skips."""
+        replay_samples = {p.first_copy() for p in replay}
+        for s, url in enumerate(shards):
+            # read to its end before the checkpoint, its errors counted then
+            consumed = Position(epoch, s + 1) <= progress.cursor
+            if consumed and not any((p.epoch, p.shard) == (epoch, s) for p in replay):
+                continue  # and no sample of it waits in a bucket: not even opened
+            for i, key, members in self.read_shard(url, Counter() if consumed
+                                                   else progress.skipped):
+                at = Position(epoch, s, i)
+                is_fresh = at >= progress.cursor.first_copy()
+                if not is_fresh and at not in replay_samples:
+                    continue
+                first_copy = progress.cursor.copy if at == progress.cursor.first_copy() else 0
+                if is_fresh:
+                    progress.cursor = Position(epoch, s, i + 1)
+                sample, copies = self.load_or_skip(url, key, members, epoch, progress.skipped,
+                                                   is_fresh)
+                if sample is None:
+                    continue
+                bucket = sample.pop("bucket")
+                for use in (at._replace(copy=c) for c in range(copies)):
+                    if not (is_fresh and use.copy >= first_copy) and use not in replay:
+                        continue
+                    if is_fresh:  # a batch emitted now must not lose the copies to come
+                        progress.cursor = use.after(copies)
+                    yield use, bucket, sample
+            progress.cursor = max(progress.cursor, Position(epoch, s + 1))
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        # A position is (epoch, shard, sample, copy); the cursor is the next one to read.
         state = self.resume.get(worker, FRESH_STATE)
-        cursor = tuple(state["cursor"])
-        replay = {tuple(p) for p in state["pending"]}
-        replay_samples = {p[:3] for p in replay}
-        skipped = Counter(state["skipped"])
-        buckets: dict[Bucket, list[tuple[tuple, dict]]] = {}
-
-        def tagged(batch: dict[str, Any]) -> dict[str, Any]:
-            pending = [list(p) for b in buckets.values() for p, _ in b]
-            state = {"cursor": list(cursor), "pending": pending, "skipped": dict(skipped)}
-            return {**batch, "_worker": worker, "_state": state}
-
-        def emit(bucket: Bucket) -> dict[str, Any]:
-            batch = self.collate([s for _, s in buckets.pop(bucket)])
-            return tagged({**batch, "bucket": [bucket.frames, bucket.height, bucket.width]})
-
-        epoch = min([cursor, *replay])[0]
+        progress = ReadProgress(Position(*state["cursor"]), Counter(state["skipped"]))
+        replay = {Position(*p) for p in state["pending"]}
+        buckets = BucketBatches(self.grid, self.collate, progress, worker)
+        epoch = min([progress.cursor, *replay]).epoch
         while self.epochs is None or epoch < self.epochs:
             shards = self.worker_shards(epoch, worker, num_workers)
             if not shards:  # more workers than this rank has shards
                 return
-            whole_epoch, fresh_good = cursor <= (epoch, 0, 0, 0), 0
-            for s, url in enumerate(shards):
-                if (epoch, s) < cursor[:2] and not any(p[:2] == (epoch, s) for p in replay):
-                    continue  # consumed before the checkpoint: not even opened
-                # a shard re-read for its pending samples had its errors counted already
-                counter = skipped if (epoch, s + 1, 0, 0) > cursor else Counter()
-                for i, key, members in self.read_shard(url, counter):
-                    is_fresh = (epoch, s, i) >= cursor[:3]
-                    if not is_fresh and (epoch, s, i) not in replay_samples:
-                        continue
-                    first_copy = cursor[3] if (epoch, s, i) == cursor[:3] else 0
-                    if is_fresh:
-                        cursor = (epoch, s, i + 1, 0)
-                    try:
-                        if isinstance(members, Skip):
-                            raise members
-                        sample, copies = self.load_sample(key, members, epoch)
-                    except Skip as skip:
-                        skipped[skip.reason] += is_fresh
-                        log.warning("skipping sample %s of shard %s: %s", key, url, skip)
-                        continue
-                    except Exception:  # a decoder failing in a way not foreseen above
-                        skipped["decode_error"] += is_fresh
-                        log.exception("skipping sample %s of shard %s", key, url)
-                        continue
-                    if sample is None:
-                        skipped["dropped_by_weight"] += is_fresh
-                        continue
-                    fresh_good += is_fresh
-                    bucket = sample.pop("bucket")
-                    for c in range(copies):
-                        if not (is_fresh and c >= first_copy) and (epoch, s, i, c) not in replay:
-                            continue
-                        if is_fresh:  # a batch emitted now must not lose the copies to come
-                            cursor = ((epoch, s, i, c + 1) if c + 1 < copies
-                                      else (epoch, s, i + 1, 0))
-                        buckets.setdefault(bucket, []).append(((epoch, s, i, c), sample))
-                        if len(buckets[bucket]) == self.grid.batch_size(bucket):
-                            yield emit(bucket)
-                cursor = max(cursor, (epoch, s + 1, 0, 0))
-            if whole_epoch and not fresh_good:  # else it would loop forever, yielding nothing
+            whole_epoch, used = progress.cursor <= Position(epoch), False
+            for position, bucket, sample in self.epoch_samples(epoch, shards, progress, replay):
+                used = True
+                batch = buckets.add(position, bucket, sample)
+                if batch is not None:
+                    yield batch
+            if whole_epoch and not used:  # else it would loop forever, yielding nothing
                 log.error("worker %d of dp rank %d found no usable sample in epoch %d of "
                           "shards %s; it stops", worker, self.dp_rank, epoch, shards)
-                yield tagged({})  # no batch: only the skip counts, for the error message
+                yield buckets.tagged({})  # no batch: only the skip counts, for the error
                 return
             epoch += 1
-            cursor = max(cursor, (epoch, 0, 0, 0))
-        while buckets:  # the last epoch's part-filled buckets, oldest first
-            yield emit(min(buckets, key=lambda b: buckets[b][0][0]))
-        yield tagged({})  # no batch: the samples skipped after the last one still count
+            progress.cursor = max(progress.cursor, Position(epoch))
+        yield from buckets.flush()  # the last epoch's part-filled buckets
+        yield buckets.tagged({})  # no batch: the samples skipped after the last one still count
 
 
 class MixedShards(IterableDataset):
@@ -364,60 +369,6 @@ class MixedShards(IterableDataset):
             counts[name] += len(batch.get("key", ()))
             yield {**batch, "_worker": worker,
                    "_state": {**states, "samples": dict(counts)}}
-
-
-class ShardBatches:
-    """Iterates a VideoShards (or MixedShards) through DataLoader workers and tracks the
-    state of the batches handed out (not of those prefetched), for checkpoints of this
-    dp rank."""
-
-    def __init__(self, dataset: VideoShards | MixedShards, num_workers: int = 0,
-                 prefetch_factor: int = 2):
-        self.dataset, self.num_workers, self.prefetch_factor = dataset, num_workers, prefetch_factor
-        self._states: dict[int, dict] = {}
-
-    @property
-    def skipped(self) -> Counter:
-        """Samples (and shards) skipped so far, by reason, over all workers, as of the
-        batches handed out; ``dropped_by_weight`` counts samples of weight-0 draws."""
-        return sum((self.dataset.skipped_of(s) for s in self._states.values()), Counter())
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        self.dataset.resume = dict(self._states)
-        loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
-                            prefetch_factor=self.prefetch_factor if self.num_workers else None)
-        for batch in loader:
-            self._states[batch.pop("_worker")] = batch.pop("_state")
-            if batch:
-                yield batch
-        if self.dataset.epochs is None:
-            raise RuntimeError(f"no usable sample in data.shards (skipped: {dict(self.skipped)})")
-
-    def _identity(self) -> dict[str, int]:
-        return {**self.dataset.identity(), "num_workers": self.num_workers}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**self._identity(), "workers": {str(w): s for w, s in self._states.items()}}
-
-    def load_state_dict(self, state: dict[str, Any] | list[dict[str, Any]]) -> None:
-        """This rank's state, or a list of every rank's states (this dp rank's is used)."""
-        if isinstance(state, list):
-            dp_rank = self.dataset.identity()["dp_rank"]
-            mine = [s for s in state if s["dp_rank"] == dp_rank]
-            if not mine:
-                raise ValueError(f"the checkpoint holds no data state for dp rank "
-                                 f"{dp_rank} (it was written with dp_size="
-                                 f"{state[0]['dp_size'] if state else '?'})")
-            state = mine[0]
-        for key, value in self._identity().items():
-            if state.get(key) != value:
-                raise ValueError(
-                    f"cannot resume the webdataset position: the checkpoint was written with "
-                    f"{key}={state.get(key)}, this run has {key}={value}; shards are split by "
-                    f"data-parallel rank and worker, so samples would repeat or be skipped. "
-                    f"Resume with the same parallel dp size, data.num_workers, data.seed "
-                    f"and data.shards (and data.image_shards)")
-        self._states = {int(w): s for w, s in state["workers"].items()}
 
 
 @dataclass
