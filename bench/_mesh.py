@@ -95,8 +95,9 @@ class LiveBytes(TorchDispatchMode):
 
 
 def _tensors(tree):
-    """Plain CPU tensors in a nest of tuples/lists/dicts (fake and meta tensors skipped)."""
-    if type(tree) is torch.Tensor:
+    """Plain CPU tensors and parameters in a nest of tuples/lists/dicts (fake and meta
+    tensors skipped): a view of a parameter (``weight.t()`` in a linear) is no new storage."""
+    if type(tree) in (torch.Tensor, torch.nn.Parameter):
         if tree.device.type != "meta":
             yield tree
     elif isinstance(tree, (tuple, list)):

@@ -2,7 +2,9 @@
 
 Builds the configured DiT on the meta device (no memory is allocated, so the 30B model
 is instant) and prints its parameter count, counted from the module and from the closed
-form, and the training FLOPs of one sample at the configured data shape.
+form, and the training FLOPs of one sample: at the configured data shape when the data
+fits the model, and always at the model's own sequence, its full position tables in its
+own latent channels (``parallel.plan.model_latent_shape``, the shape the planner sizes).
 """
 
 from __future__ import annotations
@@ -15,9 +17,18 @@ from omegaconf import DictConfig
 
 from models.costs import dit_parameter_count, dit_train_flops
 from models.dit import DiT, patch_grid
+from parallel.plan import model_latent_shape
 from trainer.build import build_autoencoder
 from trainer.config import ConfigError, register_configs, to_train_config
 from trainer.start_checks import check_latent_fits
+
+
+def flops_line(cfg, what: str, latent: tuple[int, ...]) -> str:
+    tokens = math.prod(patch_grid(cfg.model, latent))
+    context = sum(e.max_length for e in cfg.text.encoders.values())
+    flops = dit_train_flops(cfg.model, tokens, context)
+    return (f"{what} = latent {tuple(latent)} = {tokens:,} tokens (+{context} text): "
+            f"{flops / 1e12:.3f} TFLOP per training step (forward + backward)")
 
 
 def describe(cfg) -> list[str]:
@@ -30,14 +41,13 @@ def describe(cfg) -> list[str]:
              f"{dit_parameter_count(m):,})"]
     try:
         latent = check_latent_fits(cfg, build_autoencoder(cfg, torch.device("meta")))
+        lines.append(flops_line(cfg, f"one {cfg.data.frames}x{cfg.data.height}x"
+                                     f"{cfg.data.width} sample", latent))
     except ConfigError as error:
-        return [*lines, f"no FLOP count for this data shape: {error}"]
-    tokens = math.prod(patch_grid(cfg.model, latent))
-    context = sum(e.max_length for e in cfg.text.encoders.values())
-    flops = dit_train_flops(m, tokens, context)
-    lines.append(f"one {cfg.data.frames}x{cfg.data.height}x{cfg.data.width} sample = latent "
-                 f"{tuple(latent)} = {tokens:,} tokens (+{context} text): "
-                 f"{flops / 1e12:.3f} TFLOP per training step (forward + backward)")
+        lines.append(f"the configured data does not fit this model ({error}); sized at the "
+                     f"model's own sequence:")
+    lines.append(flops_line(cfg, "the model's own sequence (its full position tables)",
+                            model_latent_shape(m)))
     return lines
 
 
