@@ -26,6 +26,15 @@ def axis_frequencies(dim: int, theta: float) -> torch.Tensor:
     return theta ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
 
 
+def rotary_1d(length: int, head_dim: int, theta: float = 10000.0
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) of a token sequence, each (length, head_dim // 2): every channel pair
+    of a head rotated by the token's index (RoFormer's 1D RoPE)."""
+    angles = (torch.arange(length, dtype=torch.float64)[:, None]
+              * axis_frequencies(head_dim, theta)[None])
+    return torch.cos(angles).float(), torch.sin(angles).float()
+
+
 class RotaryEmbedding3D(nn.Module):
     """Grid (Tp, Hp, Wp) -> (cos, sin), each (Tp*Hp*Wp, head_dim // 2), t-major like the
     patch tokens. No parameters: the tables are a function of the grid."""

@@ -16,6 +16,9 @@ from torch import nn
 
 from models.attention import SelfAttention, SwiGLU
 from models.pretrained_text import EncoderSettingError
+from models.rope import rotary_1d
+
+POSITIONS = ("absolute", "rope")
 
 
 class ByteTokenizer:
@@ -48,8 +51,9 @@ class EncoderLayer(nn.Module):
         self.ffn_norm = nn.RMSNorm(dim, eps=1e-6)
         self.ffn = SwiGLU(dim, ffn_dim)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), mask[:, None, None, :])
+    def forward(self, x: torch.Tensor, mask: torch.Tensor,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), mask[:, None, None, :], rope=rope)
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -59,10 +63,16 @@ class ByteTextEncoder(nn.Module):
     ``trainable=False`` keeps it at its seeded random init, a fixed random-feature encoder
     that, like a frozen pretrained one, cannot collapse captions onto one context.
     ``shard`` (frozen only) tells the parallel layer to FSDP-shard it or keep it whole.
+    ``positions``: "absolute" adds a position table to the byte embeddings; "rope" rotates
+    attention queries and keys instead (relative positions, as ByT5's T5 biases are), so a
+    word's output depends on its neighbours, not on where in the caption it starts. Frozen
+    at random init, an absolute table as large as the byte embeddings makes one word at two
+    offsets as far apart as two words at one offset (cosine ~0.6 for both), and the DiT
+    has to learn each word once per place it can appear.
     """
 
     def __init__(self, dim: int, depth: int, heads: int, ffn_dim: int, max_length: int,
-                 trainable: bool = True, shard: bool = True):
+                 trainable: bool = True, shard: bool = True, positions: str = "absolute"):
         super().__init__()
         for key, value, least in (("dim", dim, 1), ("heads", heads, 1), ("ffn_dim", ffn_dim, 1),
                                   ("depth", depth, 0)):
@@ -70,20 +80,32 @@ class ByteTextEncoder(nn.Module):
                 raise EncoderSettingError(key, value, f"must be >= {least}")
         if dim % heads:
             raise EncoderSettingError("dim", dim, f"is not divisible by heads={heads}")
-        self.dim = dim
+        if positions not in POSITIONS:
+            raise EncoderSettingError("positions", positions, f"must be one of {POSITIONS}")
+        if positions == "rope" and (dim // heads) % 2:
+            raise EncoderSettingError("positions", positions,
+                                      f"needs an even head dimension, got dim / heads = "
+                                      f"{dim // heads}")
+        self.dim, self.heads = dim, heads
         self.trainable, self.shard = trainable, shard
         self.tokenizer = ByteTokenizer(max_length)
         self.embed = nn.Embedding(ByteTokenizer.vocab_size, dim)
-        self.pos = nn.Parameter(torch.empty(max_length, dim))
+        self.pos = nn.Parameter(torch.empty(max_length, dim)) if positions == "absolute" else None
         self.layers = nn.ModuleList(EncoderLayer(dim, heads, ffn_dim) for _ in range(depth))
         self.norm = nn.RMSNorm(dim, eps=1e-6)
 
     def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         ids, mask = self.tokenizer(captions)
-        ids, mask = ids.to(self.pos.device), mask.to(self.pos.device)
-        x = self.embed(ids) + self.pos[None, : ids.shape[1]]
+        ids, mask = ids.to(self.embed.weight.device), mask.to(self.embed.weight.device)
+        x = self.embed(ids)
+        rope = None
+        if self.pos is None:
+            rope = tuple(table.to(x.device)
+                         for table in rotary_1d(ids.shape[1], self.dim // self.heads))
+        else:
+            x = x + self.pos[None, : ids.shape[1]]
         for layer in self.layers:
-            x = layer(x, mask)
+            x = layer(x, mask, rope)
         return self.norm(x), mask
 
 

@@ -91,3 +91,33 @@ def test_project_of_encode_is_forward_and_padding_never_reaches_the_dit():
     assert not torch.allclose(unmasked, clean, rtol=1e-3, atol=1e-4)  # the test can fail
     with pytest.raises(ValueError, match=r"encoders \['a'\] but the model was built with"):
         cond.project({"a": encoded["a"]})
+
+
+def _word_states(encoder, caption, word):
+    start = caption.index(word)
+    return encoder.encode([caption])[0][0, start: start + len(word)].flatten()
+
+
+def test_rope_positions_make_a_word_mostly_independent_of_where_it_starts():
+    """Frozen at random init, an absolute table makes "left" at two offsets as far apart
+    as "left" and "down" at one; relative positions keep the word, not its place."""
+    cos = torch.nn.functional.cosine_similarity
+    similarity = {}
+    for positions in ("absolute", "rope"):
+        encoder = ByteTextEncoder(64, 2, 4, 128, 48, trainable=False, positions=positions)
+        init_parameters(encoder, 0)
+        left = _word_states(encoder, "a red square moving left slowly", "left")
+        shifted = _word_states(encoder, "a magenta triangle moving left slowly", "left")
+        down = _word_states(encoder, "a red square moving down slowly", "down")
+        similarity[positions] = (cos(left, shifted, 0).item(), cos(left, down, 0).item())
+    assert similarity["absolute"][0] < 0.75
+    assert similarity["rope"][0] > 0.85 > similarity["rope"][1]
+    assert "pos" not in dict(ByteTextEncoder(64, 1, 4, 128, 16, positions="rope")
+                             .named_parameters())
+
+
+def test_rope_positions_setting_is_checked():
+    with pytest.raises(ValueError, match="positions='relative'"):
+        ByteTextEncoder(64, 1, 4, 128, 16, positions="relative")
+    with pytest.raises(ValueError, match="even head dimension"):
+        ByteTextEncoder(12, 1, 4, 32, 16, positions="rope")

@@ -92,6 +92,7 @@ class ByteTextEncoderConfig:
     max_length: int = 64
     trainable: bool = True
     shard: bool = True  # when frozen: FSDP-sharded (true) or whole on every rank (false)
+    positions: str = "absolute"  # "absolute" (a table) or "rope" (relative, as T5's are)
 
 
 @dataclass
