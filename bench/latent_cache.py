@@ -38,7 +38,7 @@ from trainer.data import build_train_batches  # noqa: E402
 from trainer.ema import EMA  # noqa: E402
 from trainer.precompute import precompute  # noqa: E402
 from trainer.tasks import build_task  # noqa: E402
-from trainer.train import NonFiniteGuard, build_engine, train_step  # noqa: E402
+from trainer.train import build_engine, train_step  # noqa: E402
 
 SHARDS, PER_SHARD = 4, 8
 
@@ -77,11 +77,11 @@ def timed_steps(overrides: list[str]) -> Iterator[float]:
     torch.manual_seed(0)
     task = build_task(cfg, ctx)
     engine = build_engine(cfg, task.build_model(), ctx)
-    ema, guard = EMA(engine.ema_tensors(), cfg.recipe.ema_decay), NonFiniteGuard(5)
+    ema = EMA(engine.ema_tensors(), cfg.recipe.ema_decay)
     batches = iter(build_train_batches(cfg, None, ctx))
     for step in count(1):
         start = time.perf_counter()
-        train_step(cfg, step, next(batches), engine, task, ema, guard, ctx)
+        train_step(cfg, step, next(batches), engine, task, ema, ctx)
         yield time.perf_counter() - start
 
 

@@ -76,7 +76,7 @@ def measure(overrides: list[str], steps: int) -> dict[str, float]:
     from trainer.optim import build_optimizer
     from trainer.preference_config import PreferenceRecipeConfig
     from trainer.tasks import build_task
-    from trainer.train import NonFiniteGuard, train_step
+    from trainer.train import train_step
 
     torch.set_num_threads(THREADS)
     cfg = compose(overrides)
@@ -84,8 +84,8 @@ def measure(overrides: list[str], steps: int) -> dict[str, float]:
     task = build_task(cfg, ctx)
     model = task.build_model()
     initialise_from(cfg, model, None, is_main=False)
-    engine = NativeEngine(model, lambda p: build_optimizer(p, cfg.recipe, 1000))
-    ema, guard = EMA(engine.ema_tensors(), 0.99), NonFiniteGuard(3)
+    engine = NativeEngine(model, lambda p: build_optimizer(p, cfg.recipe, 1000, fused=True))
+    ema = EMA(engine.ema_tensors(), 0.99)
     count = cfg.recipe.batch_size
     data = torch.Generator().manual_seed(0)
     shape = (count, 3, 8, 32, 32)
@@ -97,7 +97,7 @@ def measure(overrides: list[str], steps: int) -> dict[str, float]:
         batch = {"video": torch.rand(shape, generator=data) * 2 - 1, "caption": captions}
 
     def step(number: int) -> None:
-        train_step(cfg, number, batch, engine, task, ema, guard, ctx)
+        train_step(cfg, number, batch, engine, task, ema, ctx)
 
     gc.collect()
     before = rss_mib()

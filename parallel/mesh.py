@@ -160,13 +160,12 @@ class ParallelContext:
         dist.all_reduce(total, group=self.group("dp"))
         return total
 
-    def mean_over_dp(self, value: torch.Tensor) -> float:
-        """Mean of a per-replica value over the data-parallel replicas (gloo has no AVG)."""
+    def mean_over_dp(self, value: torch.Tensor) -> torch.Tensor:
+        """Mean of a per-replica value over the data-parallel replicas: 0-d float32 on the
+        value's device, not read to the host (gloo has no AVG: a sum, then a division)."""
         if not self.distributed or self.dp_size == 1:
-            return value.item()
-        total = value.detach().float().clone()
-        dist.all_reduce(total, group=self.group("dp"))
-        return total.item() / self.dp_size
+            return value.detach().float()
+        return self.sum_over_dp(value.float()) / self.dp_size
 
 
 def backend_for(device: torch.device) -> str:

@@ -3,10 +3,12 @@
 SLURM sends SIGUSR1 ahead of the time limit when the job asks for it
 (``--signal=USR1@<seconds>``, see launch/slurm.sbatch) and SIGTERM when it preempts or
 cancels. The handler only sets a flag: the signal lands on whichever rank it lands on, at
-any point of its step, so the ranks agree on it after a step with one all-reduce of a
-scalar (MAX), and all of them stop at the same step, checkpoint together and exit with
+any point of its step, so the ranks agree on it with one all-reduce of a scalar (MAX),
+and all of them stop at the same step, checkpoint together and exit with
 ``REQUEUE_EXIT_CODE``; the sbatch script turns that code into ``scontrol requeue``, and
-the requeued job resumes from the checkpoint.
+the requeued job resumes from the checkpoint. The trainer takes the vote at its host
+reads of the step values (every ``trainer.log_every`` steps, in the same transfer), so a
+run stops at most that many steps after the signal.
 """
 
 from __future__ import annotations
@@ -33,13 +35,19 @@ class PreemptionFlag:
     def _handle(self, signum, frame) -> None:
         self.signal = signum
 
-    def agreed(self) -> bool:
-        """True on every rank if any rank has been signalled (collective, every rank
-        calls it at the same step)."""
-        raised = torch.tensor([float(self.signal is not None)], device=self.device)
+    def raised(self) -> torch.Tensor:
+        """0-d float on the device, the same on every rank: 1 if any rank has been
+        signalled, else 0 (collective, every rank calls it at the same step; not read to
+        the host, so the caller can fold it into a read it makes anyway)."""
+        # a fill on the device: a tensor built from host data would copy (and sync)
+        raised = torch.full((), float(self.signal is not None), device=self.device)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(raised, op=dist.ReduceOp.MAX)
-        return bool(raised.item())
+        return raised
+
+    def agreed(self) -> bool:
+        """``raised``, read to the host."""
+        return bool(self.raised().item())
 
     def close(self) -> None:
         """Put the previous handlers back."""

@@ -134,7 +134,7 @@ def run_case(ctx, name: str, directory: Path) -> dict:
                                   recipe.caption_dropout, rows)
         if kind.startswith("nan") and ctx.rank == 0:
             loss = loss * math.nan
-        value, norm, asked = ctx.mean_over_dp(loss), math.nan, []
+        value, norm, asked = ctx.mean_over_dp(loss).item(), math.nan, []
         if kind != "nan_loss":
             engine.backward(loss)
             if ref_grads:

@@ -382,15 +382,15 @@ def run_pair_steps(overrides: list[str]) -> dict:
     from trainer.ema import EMA
     from trainer.init_from import initialise_from
     from trainer.optim import build_optimizer
-    from trainer.train import NonFiniteGuard, start_parallel, train_step
+    from trainer.train import start_parallel, train_step
 
     cfg = compose_train(PAIRS + overrides)
     ctx = start_parallel(cfg)
     task = PreferenceTask(cfg, ctx)
     model = task.build_model()
     initialise_from(cfg, model, None, ctx.is_main)
-    engine = NativeEngine(model, lambda p: build_optimizer(p, cfg.recipe, 10))
-    ema, guard = EMA(engine.ema_tensors(), 0.5), NonFiniteGuard(3)
+    engine = NativeEngine(model, lambda p: build_optimizer(p, cfg.recipe, 10, fused=True))
+    ema = EMA(engine.ema_tensors(), 0.5)
     local = cfg.recipe.batch_size // ctx.dp_size
     rows = slice(ctx.dp_rank * local, (ctx.dp_rank + 1) * local)
     losses, metrics, grads = [], [], {}
@@ -398,7 +398,8 @@ def run_pair_steps(overrides: list[str]) -> dict:
         batch = pair_batch(step)
         batch = {"video_win": batch["video_win"][rows], "video_lose": batch["video_lose"][rows],
                  "caption": batch["caption"][rows]}
-        result = train_step(cfg, step, batch, engine, task, ema, guard, ctx)
+        result = {name: float(value)
+                  for name, value in train_step(cfg, step, batch, engine, task, ema, ctx).items()}
         losses.append(result.pop("loss"))
         metrics.append({k: v for k, v in result.items() if k not in ("grad_norm", "lr")})
         if step == 1:

@@ -220,7 +220,7 @@ def forward_backward(overrides: list[str]) -> dict:
     grads = {n: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad)
              for n, p in model.named_parameters() if p.grad is not None}
     sharded = {n: isinstance(p, DTensor) for n, p in model.text.encoders.named_parameters()}
-    return {"output": output, "loss": ctx.mean_over_dp(loss.detach()), "grads": grads,
+    return {"output": output, "loss": ctx.mean_over_dp(loss).item(), "grads": grads,
             "weights": full, "sharded": sharded}
 
 

@@ -312,6 +312,12 @@ class TrainerConfig:
     seed: int = 0
     device: str = "cpu"
     precision: Precision = Precision.fp32
+    # Steps between host reads of the step values (loss, grad norm, lr, skip counts): in
+    # between they stay on the device, so a step never waits for it; each read writes the
+    # steps since the last one to metrics.jsonl. Validation, sample and checkpoint steps
+    # read too. A preemption signal is agreed at a read, so a preempted run stops (and
+    # checkpoints) at most log_every steps after it; the max_nonfinite_steps stop also
+    # surfaces at the next read, naming the step where the limit was reached.
     log_every: int = 10
     val_every: int = 200
     val_batches: int = 4

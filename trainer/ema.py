@@ -31,11 +31,21 @@ class EMA:
         return min(self.decay, (1 + step) / (10 + step))
 
     @torch.no_grad()
-    def update(self, step: int) -> None:
+    def update(self, step: int, applied: torch.Tensor | None = None) -> None:
+        """``applied``: a 0-d bool on the device, False for a step whose update was skipped
+        (the average then stays as it is), consumed there without a host read."""
         weight = 1.0 - self.current_decay(step)
-        torch._foreach_lerp_([local_tensor(s) for s in self.shadow.values()],
-                             [local_tensor(self.params[name]).detach() for name in self.shadow],
-                             weight)
+        shadows = [local_tensor(s) for s in self.shadow.values()]
+        params = [local_tensor(self.params[name]).detach() for name in self.shadow]
+        if applied is None:
+            torch._foreach_lerp_(shadows, params, weight)
+            return
+        weights = {}  # lerp takes a tensor weight of the shadow's own dtype and device
+        for shadow in shadows:
+            if (shadow.dtype, shadow.device) not in weights:
+                weights[shadow.dtype, shadow.device] = torch.where(
+                    applied.to(shadow.device), weight, 0.0).to(shadow.dtype)
+        torch._foreach_lerp_(shadows, params, [weights[s.dtype, s.device] for s in shadows])
 
     @contextmanager
     def swapped_in(self) -> Iterator[None]:

@@ -106,8 +106,11 @@ class Scheduler(torch.optim.lr_scheduler.LambdaLR):
         self._rewrite_lr()
 
 
-def build_optimizer(params, recipe: RecipeConfig, max_steps: int
+def build_optimizer(params, recipe: RecipeConfig, max_steps: int, fused: bool = False
                     ) -> tuple[torch.optim.AdamW, Scheduler]:
+    """``fused``: torch's fused AdamW kernel, which can skip a step on a device-side flag
+    (``found_inf``) without the host reading it; the native engine steps it that way."""
     optimizer = torch.optim.AdamW(params, lr=recipe.lr, betas=tuple(recipe.betas),
-                                  eps=recipe.eps, weight_decay=recipe.weight_decay)
+                                  eps=recipe.eps, weight_decay=recipe.weight_decay,
+                                  fused=fused)
     return optimizer, Scheduler(optimizer, recipe, max_steps)

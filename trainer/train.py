@@ -47,41 +47,17 @@ from trainer.precision import autocast
 from trainer.resume_settings import check_resume, launch_metadata, with_run_config
 from trainer.run_lock import RunDirInUse, RunDirLock
 from trainer.start_checks import check_parallel_fits, check_start
+from trainer.step_log import NonFiniteGuard, StepLog
 from trainer.tasks import build_task
+from trainer.validation import validate_in_step
 
 
-class NonFiniteGuard:
-    """Counts steps skipped for a non-finite loss or gradient; stops the run after
-    ``limit`` in a row with an error saying where and what to change."""
-
-    def __init__(self, limit: int):
-        self.limit = limit
-        self.in_row = 0
-        self.total = 0
-
-    def allows_update(self, step: int, loss: float, grad_norm: float) -> bool:
-        if math.isfinite(loss) and math.isfinite(grad_norm):
-            self.in_row = 0
-            return True
-        self.in_row += 1
-        self.total += 1
-        if self.in_row >= self.limit:
-            raise FloatingPointError(
-                f"step {step}: loss={loss}, grad_norm={grad_norm} were non-finite for "
-                f"{self.in_row} steps in a row (trainer.max_nonfinite_steps={self.limit}); "
-                f"lower recipe.lr, raise recipe.warmup_steps or use trainer.precision=fp32")
-        return False
-
-    def state_dict(self) -> dict[str, int]:
-        return {"in_row": self.in_row, "total": self.total}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.in_row, self.total = state["in_row"], state["total"]
-
-
-def train_step(cfg, step, batch, engine, task, ema, guard, ctx) -> dict[str, float]:
-    """One optimizer step on this rank's rows of the global batch; metrics are means over
-    the data-parallel replicas."""
+def train_step(cfg, step, batch, engine, task, ema, ctx) -> dict[str, torch.Tensor | float]:
+    """One optimizer step on this rank's rows of the global batch, with no host read: the
+    loss, gradient norm and task metrics (means over the data-parallel replicas) as 0-d
+    device tensors, the LR as a number. A step whose loss or gradient norm is non-finite
+    changes no weight, optimizer state or EMA, decided on the device (``StepLog`` counts
+    it when the values are read); its grad_norm is nan when its loss was non-finite."""
     engine.zero_grad()
     local = len(batch["caption"])
     rows = slice(ctx.dp_rank * local, (ctx.dp_rank + 1) * local)
@@ -89,33 +65,46 @@ def train_step(cfg, step, batch, engine, task, ema, guard, ctx) -> dict[str, flo
         loss, extras = task.loss(engine.module, batch,
                                  StepDraws(cfg.trainer.seed, step, ctx.device),
                                  rows, local * ctx.dp_size, step)
-    loss_value, grad_norm = ctx.mean_over_dp(loss), math.nan
+    mean_loss = ctx.mean_over_dp(loss)
+    finite_loss = torch.isfinite(mean_loss)
     lr = engine.scheduler.get_last_lr()[0]
-    if math.isfinite(loss_value):
-        engine.backward(loss)
-        max_norm = cfg.recipe.grad_clip if cfg.recipe.grad_clip > 0 else math.inf
-        grad_norm = engine.clip_and_step(
-            max_norm, lambda norm: guard.allows_update(step, loss_value, norm))
-    else:
-        guard.allows_update(step, loss_value, grad_norm)
-    if guard.in_row == 0:
-        ema.update(step)
+    engine.backward(loss)  # a non-finite loss too: skipping it would need a host read
+
+    def finite(norm) -> torch.Tensor:
+        return finite_loss & torch.isfinite(torch.as_tensor(norm))
+
+    max_norm = cfg.recipe.grad_clip if cfg.recipe.grad_clip > 0 else math.inf
+    grad_norm = torch.as_tensor(engine.clip_and_step(max_norm, finite))
+    ema.update(step, finite(grad_norm))
     engine.scheduler.step()
-    return {"loss": loss_value, "grad_norm": grad_norm, "lr": lr,
-            "skipped_steps": guard.total,
-            **{name: ctx.mean_over_dp(value) for name, value in extras.items()}}
+    return {"loss": mean_loss, "grad_norm": torch.where(finite_loss, grad_norm, math.nan),
+            "lr": lr, **{name: ctx.mean_over_dp(value) for name, value in extras.items()}}
 
 
-def log_validation(task, step, model, ema, val_batches, monitor) -> dict[str, float]:
-    """Validate with the training weights and with the EMA weights (the ones shown); the
-    metrics, the EMA's with an ``_ema`` suffix."""
-    val = task.validate(model, val_batches())
+def log_validation(task, step, model, ema, val_batches, monitor, ctx) -> dict[str, float] | None:
+    """Validate with the training weights and with the EMA weights (the ones shown), on
+    batches every rank holds alike; the metrics, the EMA's with an ``_ema`` suffix. None
+    when the ranks share no held-out batch (logged; this validation is skipped)."""
+    val = validate_in_step(task, model, val_batches, ctx, step, monitor)
     with ema.swapped_in():
-        ema_val = task.validate(model, val_batches())
+        ema_val = validate_in_step(task, model, val_batches, ctx, step, monitor)
+    if val is None or ema_val is None:
+        return None
     val |= {f"{k}_ema": v for k, v in ema_val.items()}
     monitor.record("val", step, **val)
     monitor.log_wandb({f"val/{k}": v for k, v in val.items()}, step)
     return val
+
+
+def reads_host(cfg: TrainConfig, step: int) -> bool:
+    """Whether the loop reads the step values at ``step``: the first step, every
+    ``trainer.log_every`` steps, and the steps that stop for the host anyway (validation,
+    samples, checkpoints, the last), so metrics.jsonl stays in step order and a checkpoint
+    holds the guard's counts up to its step."""
+    trainer = cfg.trainer
+    return step == 1 or step == trainer.max_steps or any(
+        step % every == 0 for every in (trainer.log_every, trainer.val_every,
+                                        trainer.sample_every, trainer.ckpt_every))
 
 
 def trainer_state(step, stateful) -> dict:
@@ -124,10 +113,13 @@ def trainer_state(step, stateful) -> dict:
 
 
 def build_engine(cfg: TrainConfig, model, ctx: ParallelContext):
-    def make_optimizer(params):
-        return build_optimizer(params, cfg.recipe, cfg.trainer.max_steps)
-
     par = cfg.parallel
+
+    def make_optimizer(params):
+        # fused: the native engine skips a non-finite step on the device through it
+        return build_optimizer(params, cfg.recipe, cfg.trainer.max_steps,
+                               fused=par.engine is Engine.fsdp2)
+
     if par.engine is Engine.fsdp2:
         return NativeEngine(model, make_optimizer)
     from parallel.deepspeed_engine import DeepSpeedEngine
@@ -196,6 +188,7 @@ def train(cfg: TrainConfig, run_dir: Path, config_dict: dict) -> bool:
     batches = build_train_batches(cfg, build_datasets(cfg.data)[0], ctx)
     val_batches = build_val_batches(cfg)
     guard = NonFiniteGuard(cfg.trainer.max_nonfinite_steps)
+    step_log = StepLog(guard)
     stateful = {"scheduler": engine.scheduler, "data": batches, "guard": guard}
     stopper = EarlyStopping(cfg.recipe.early_stop)
     if stopper.enabled:
@@ -218,23 +211,29 @@ def train(cfg: TrainConfig, run_dir: Path, config_dict: dict) -> bool:
         with monitor.waiting_for_data():
             batch = next(data_iter)
         step += 1
-        metrics = train_step(cfg, step, batch, engine, task, ema, guard, ctx)
-        metrics |= {f"skipped_{reason}": count
-                    for reason, count in getattr(batches, "skipped", {}).items()}
+        values = train_step(cfg, step, batch, engine, task, ema, ctx)
         # every replica's batch counted at this rank's shape: exact for map-style data;
         # shard buckets may differ between replicas
-        monitor.log_train_step(step, tokens=task.tokens(batch) * ctx.dp_size, **metrics)
+        values["tokens"] = task.tokens(batch) * ctx.dp_size
+        values |= {f"skipped_{reason}": count
+                   for reason, count in getattr(batches, "skipped", {}).items()}
+        step_log.add(step, values)
         last = step == cfg.trainer.max_steps
+        if reads_host(cfg, step):
+            # The step values' one host read. Every rank reads at the same steps, so the
+            # preemption vote (one scalar all-reduce) rides along: all stop at one step.
+            raised, = step_log.read(lambda at, record: monitor.log_train_step(at, **record),
+                                    preemption.raised())
+            preempted = bool(raised) and not last
         improved = False  # with early stopping: the best validation so far, checkpointed
         if (step % cfg.trainer.val_every == 0 or last) and val_batches is not None:
-            val = log_validation(task, step, model, ema, val_batches, monitor)
-            improved = on_validation(cfg, step, val, engine.scheduler, stopper, ctx, monitor)
+            val = log_validation(task, step, model, ema, val_batches, monitor, ctx)
+            improved = val is not None and on_validation(cfg, step, val, engine.scheduler,
+                                                         stopper, ctx, monitor)
             last = last or stopper.stopped
         if step % cfg.trainer.sample_every == 0 or last:
             with ema.swapped_in():
                 task.show(step, run_dir, model, monitor)
-        # every rank asks at every step (one scalar all-reduce), so all stop at the same one
-        preempted = not last and preemption.agreed()
         if step % cfg.trainer.ckpt_every == 0 or last or improved or preempted:
             checkpointer.keep_steps = stopper.keep_steps()
             saved = checkpointer.save(step, with_run_config(partial(
