@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from models.flow import FlowMatching
-from models.sampler import euler_sample, guided_velocity, linear_quadratic_schedule
+from models.sampler import GuidedVelocity, euler_sample, linear_quadratic_schedule
 
 
 def test_path_endpoints_and_target():
@@ -83,8 +83,8 @@ def test_classifier_free_guidance_mix():
 
     ctx, null = torch.full((2, 3, 4), 1.0), torch.zeros(2, 3, 4)
     mask = torch.ones(2, 3, dtype=torch.bool)
-    v = guided_velocity(model, ctx, mask, null, mask, scale=7.5)(torch.zeros(2, 1), torch.zeros(2))
+    v = GuidedVelocity(model, ctx, mask, null, mask, scale=7.5)(torch.zeros(2, 1), torch.zeros(2))
     torch.testing.assert_close(v, torch.full((2, 1), 7.5 * 12.0))
-    plain = guided_velocity(model, ctx, mask, null, mask, scale=1.0)(torch.zeros(2, 1),
-                                                                    torch.zeros(2))
+    plain = GuidedVelocity(model, ctx, mask, null, mask, scale=1.0)(torch.zeros(2, 1),
+                                                                   torch.zeros(2))
     torch.testing.assert_close(plain, torch.full((2, 1), 12.0))

@@ -3,30 +3,56 @@
 from __future__ import annotations
 
 import re
+from enum import Enum
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from data.video import video_to_uint8, write_video
-from models.sampler import euler_sample, guided_velocity, linear_quadratic_schedule
+from models.sampler import GuidanceTrace, GuidedVelocity, euler_sample, linear_quadratic_schedule
 from models.t2v import TextToVideo
 
 
+class Guidance(Enum):
+    """How the sampler guides: conditional only, classifier-free guidance at every step,
+    Adaptive Guidance (CFG until conditional and unconditional velocities agree), or
+    LinearAG (adaptive, with every other unconditional pass predicted from a calibration
+    file, ``trainer.linear_guidance``)."""
+
+    none = "none"
+    cfg = "cfg"
+    adaptive = "adaptive"
+    linear_ag = "linear_ag"
+
+
 @torch.no_grad()
-def generate(model: TextToVideo, autoencoder: nn.Module, prompts: list[str],
-             latent_shape: tuple[int, int, int, int], steps: int, guidance_scale: float,
-             seed: int) -> torch.Tensor:
-    """prompts -> videos (B, 3, T, H, W) in [-1, 1]; the same seed gives the same videos."""
+def generate_traced(model: TextToVideo, autoencoder: nn.Module, prompts: list[str],
+                    latent_shape: tuple[int, int, int, int], steps: int,
+                    guidance_scale: float, seed: int, guidance: Guidance | str = Guidance.cfg,
+                    threshold: float = 0.99, linear: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, GuidanceTrace]:
+    """prompts -> (videos (B, 3, T, H, W) in [-1, 1], what guidance did per sample); the
+    same seed gives the same videos. ``threshold`` is adaptive guidance's cosine bound,
+    ``linear`` LinearAG's (steps, 3) coefficients."""
     device = next(model.parameters()).device
     context, mask = model.text(prompts)
     null_context, null_mask = model.text([""] * len(prompts))
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randn((len(prompts), *latent_shape), generator=generator).to(device)
-    velocity = guided_velocity(model.dit, context, mask, null_context, null_mask,
-                               guidance_scale)
+    velocity = GuidedVelocity(model.dit, context, mask, null_context, null_mask,
+                              guidance_scale, Guidance(guidance).value, threshold, linear)
     latent = euler_sample(velocity, noise, linear_quadratic_schedule(steps))
-    return autoencoder.decode(latent).clamp(-1, 1)
+    return autoencoder.decode(latent).clamp(-1, 1), velocity.trace()
+
+
+def generate(model: TextToVideo, autoencoder: nn.Module, prompts: list[str],
+             latent_shape: tuple[int, int, int, int], steps: int, guidance_scale: float,
+             seed: int, guidance: Guidance | str = Guidance.cfg,
+             threshold: float = 0.99, linear: torch.Tensor | None = None) -> torch.Tensor:
+    """prompts -> videos (B, 3, T, H, W) in [-1, 1]; ``generate_traced`` without the trace."""
+    return generate_traced(model, autoencoder, prompts, latent_shape, steps, guidance_scale,
+                           seed, guidance, threshold, linear)[0]
 
 
 def prompt_slug(prompt: str, max_chars: int = 60) -> str:

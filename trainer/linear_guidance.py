@@ -1,0 +1,160 @@
+"""``python -m trainer.linear_guidance checkpoint=<run dir> steps=25 scale=5``
+
+Calibrates LinearAG (arXiv 2312.12487) for one trained model, step count and guidance
+scale: samples CFG trajectories of calibration prompts (captions of the synthetic
+training split, never the held-out ones the evaluation uses) and fits, for every other
+step, the coefficients that predict the unconditional velocity from the conditional one
+and the previous step's (``models.sampler.LinearGuidanceFit``). The file lands beside the
+checkpoint, ``<run dir>/guidance/linear_ag_steps<S>_scale<g>.json``, with a hash of the
+weights it was fitted on; ``guidance=linear_ag`` in ``trainer.sample`` and
+``trainer.evaluate`` reads it and refuses a missing, corrupt or stale (other weights)
+file, naming it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import MISSING
+from torch import nn
+
+from data.synthetic import SyntheticVideos
+from models.sampler import (
+    GuidedVelocity,
+    LinearGuidanceFit,
+    alternate_steps,
+    euler_sample,
+    linear_quadratic_schedule,
+)
+from trainer.config import ConfigError, SyntheticDataConfig
+from trainer.run_config import parse_cli_options
+from trainer.trained import TrainedRun, load_text_to_video
+
+FORMAT = "cinetron-linear-ag/1"
+
+
+@dataclass
+class CalibrateConfig:
+    checkpoint: str = MISSING
+    steps: int = 25
+    scale: float = 5.0
+    prompts: int = 32     # calibration trajectories
+    seed: int = 0
+    batch: int = 8
+    output: str | None = None   # default: <run dir>/guidance/linear_ag_steps<S>_scale<g>.json
+    ema: bool = True
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.steps < 3:
+            raise ConfigError(f"steps={self.steps} must be >= 3 (LinearAG predicts every "
+                              f"other step after the first)")
+        if self.prompts < 1 or self.batch < 1:
+            raise ConfigError(f"prompts={self.prompts} and batch={self.batch} must be >= 1")
+
+
+def model_hash(model: nn.Module) -> str:
+    """SHA-256 of every parameter's name, shape and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name, parameter in sorted(model.named_parameters()):
+        digest.update(f"{name}{tuple(parameter.shape)}{parameter.dtype}".encode())
+        digest.update(parameter.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def calibration_path(run_dir: Path, steps: int, scale: float) -> Path:
+    return Path(run_dir) / "guidance" / f"linear_ag_steps{steps}_scale{scale:g}.json"
+
+
+def calibration_prompts(run: TrainedRun, count: int) -> list[str]:
+    data = run.cfg.data
+    if not isinstance(data, SyntheticDataConfig):
+        raise ConfigError(f"LinearAG calibration draws its prompts from the synthetic set's "
+                          f"training split; this run trained on {type(data).__name__}")
+    train = SyntheticVideos(count, data.frames, data.height, data.width, data.fps, data.seed)
+    return [train.spec(i).caption for i in range(count)]
+
+
+@torch.no_grad()
+def calibrate(run: TrainedRun, steps: int, scale: float, prompts: list[str], seed: int,
+              batch: int) -> dict:
+    """CFG on ``prompts``, watched: -> the calibration record (coefficients per step)."""
+    fit = LinearGuidanceFit(steps, alternate_steps(steps))
+    device = next(run.model.parameters()).device
+    for first in range(0, len(prompts), batch):
+        chunk = prompts[first: first + batch]
+        context, mask = run.model.text(chunk)
+        null_context, null_mask = run.model.text([""] * len(chunk))
+        generator = torch.Generator().manual_seed(seed + first)
+        noise = torch.randn((len(chunk), *run.task.latent_shape), generator=generator)
+        velocity = GuidedVelocity(run.model.dit, context, mask, null_context, null_mask,
+                                  scale, "cfg", observer=fit.observe)
+        euler_sample(velocity, noise.to(device), linear_quadratic_schedule(steps))
+    coefficients, error = fit.coefficients()
+    return {"format": FORMAT, "steps": steps, "scale": scale,
+            "model_hash": model_hash(run.model), "run": str(run.run_dir), "step": run.step,
+            "prompts": len(prompts), "seed": seed,
+            "coefficients": [None if row.isnan().any() else row.tolist()
+                             for row in coefficients],
+            "relative_error": [None if e != e else e for e in error.tolist()]}
+
+
+def load_coefficients(path: Path, model: nn.Module, steps: int, scale: float) -> torch.Tensor:
+    """The (steps, 3) LinearAG rows of a calibration file for this model, steps and
+    scale (NaN rows: steps run for real); anything else is refused, naming the file."""
+    path = Path(path)
+    redo = (f"calibrate it: python -m trainer.linear_guidance checkpoint=<run dir> "
+            f"steps={steps} scale={scale:g}")
+    if not path.is_file():
+        raise ConfigError(f"guidance=linear_ag needs the calibration file {path}, which is "
+                          f"missing; {redo}")
+    try:
+        record = json.loads(path.read_text())
+        rows = [[float("nan")] * 3 if row is None else [float(v) for v in row]
+                for row in record["coefficients"]]
+        fitted = (record["format"], record["steps"], record["scale"], record["model_hash"])
+        coefficients = torch.tensor(rows, dtype=torch.float64)
+    except (ValueError, KeyError, TypeError) as error:
+        raise ConfigError(f"LinearAG calibration file {path} is corrupt ({error!r}); delete "
+                          f"it and {redo}") from error
+    if fitted[0] != FORMAT or coefficients.shape != (fitted[1], 3):
+        raise ConfigError(f"LinearAG calibration file {path} is corrupt (format "
+                          f"{fitted[0]!r}, coefficients {tuple(coefficients.shape)} for "
+                          f"{fitted[1]} steps); delete it and {redo}")
+    if (fitted[1], fitted[2]) != (steps, scale):
+        raise ConfigError(f"LinearAG calibration file {path} was fitted for steps="
+                          f"{fitted[1]} scale={fitted[2]:g}, not steps={steps} "
+                          f"scale={scale:g}; {redo}")
+    current = model_hash(model)
+    if fitted[3] != current:
+        raise ConfigError(f"LinearAG calibration file {path} is stale: fitted on weights "
+                          f"{fitted[3][:12]}, these are {current[:12]} (another checkpoint "
+                          f"or ema setting); {redo}")
+    return coefficients
+
+
+def main(argv: list[str]) -> None:
+    try:
+        opts = parse_cli_options(CalibrateConfig, argv, "trainer.linear_guidance",
+                                 "checkpoint=<run dir> [steps=25 scale=5 prompts=32 ...]")
+        run = load_text_to_video(Path(opts.checkpoint), torch.device(opts.device), opts.ema)
+        record = calibrate(run, opts.steps, opts.scale, calibration_prompts(run, opts.prompts),
+                           opts.seed, opts.batch)
+    except ConfigError as error:
+        raise SystemExit(f"config error: {error}") from None
+    path = Path(opts.output) if opts.output else calibration_path(run.run_dir, opts.steps,
+                                                                 opts.scale)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1))
+    errors = [e for e in record["relative_error"] if e is not None]
+    print(f"{path}: {len(errors)} of {opts.steps} unconditional passes predicted, relative "
+          f"squared error {min(errors):.2e} to {max(errors):.2e} on the calibration runs")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
