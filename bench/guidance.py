@@ -27,15 +27,13 @@ from omegaconf import MISSING, OmegaConf
 from trainer.evaluate import (
     SamplerSpec,
     describe,
-    evaluate_samplers,
-    held_out_clips,
     markdown_table,
+    sampler_table,
 )
 from trainer.frechet import feature_extractor
 from trainer.linear_guidance import load_coefficients
 from trainer.peak_memory import PeakMemory
 from trainer.sampling import Guidance
-from trainer.text_following import held_out_prompts
 from trainer.trained import load_text_to_video
 
 MIN_NFE_SAVED, MIN_PSNR_DB, KEPT_JUDGES = 0.25, 30.0, ("colour", "direction")
@@ -75,7 +73,6 @@ def main(argv: list[str]) -> None:
     opts: Options = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Options),
                                                         OmegaConf.from_cli(argv)))
     run = load_text_to_video(Path(opts.checkpoint), torch.device("cpu"))
-    prompts = held_out_prompts(run.cfg.data, opts.prompts)
     extractor = feature_extractor(opts.features, run.task.autoencoder)
     memory = PeakMemory(torch.device("cpu"))
     cfg = SamplerSpec(Guidance.cfg, opts.steps, opts.scale)
@@ -86,13 +83,9 @@ def main(argv: list[str]) -> None:
         samplers += [SamplerSpec(Guidance.linear_ag, opts.steps, opts.scale, gamma, linear)
                      for gamma in opts.linear_ag_gammas]
     samplers.append(SamplerSpec(Guidance.none, opts.steps, opts.scale))
-    rows = evaluate_samplers(run, samplers, SamplerSpec(Guidance.cfg, opts.reference_steps,
-                                                        opts.scale),
-                             prompts, held_out_clips(run.cfg.data, opts.prompts), extractor,
-                             opts.seed, opts.batch, memory)
-    table = {"run": str(run.run_dir), "step": run.step, "prompts": opts.prompts,
-             "seed": opts.seed, "features": extractor.label, "memory": memory.label,
-             "rows": rows}
+    table = sampler_table(run, samplers, opts.reference_steps, opts.scale, opts.prompts,
+                          extractor, opts.seed, opts.batch, memory)
+    rows = table["rows"]
     print(describe(table) + "\n\n" + markdown_table(rows))
     cfg_row = rows[1]
     print("\n1 - mean cosine of conditional and unconditional velocity per step, CFG at "

@@ -222,6 +222,18 @@ def table_name(opts: EvaluateConfig) -> str:
             f"_ref{opts.reference_steps}_prompts{opts.prompts}_seed{opts.seed}")
 
 
+def sampler_table(run, samplers: list[SamplerSpec], reference_steps: int, scale: float,
+                  prompts: int, extractor, seed: int, batch: int, memory: PeakMemory) -> dict:
+    """Every sampler's row against a full-CFG reference of ``reference_steps``, on the
+    first ``prompts`` held-out captions and clips -> the table (run, step, labels, rows)."""
+    rows = evaluate_samplers(run, samplers, SamplerSpec(Guidance.cfg, reference_steps, scale),
+                             held_out_prompts(run.cfg.data, prompts),
+                             held_out_clips(run.cfg.data, prompts), extractor, seed, batch,
+                             memory)
+    return {"run": str(run.run_dir), "step": run.step, "prompts": prompts, "seed": seed,
+            "features": extractor.label, "memory": memory.label, "rows": rows}
+
+
 def evaluate(opts: EvaluateConfig) -> dict:
     """Run the evaluation and write its table; -> the table as written to JSON."""
     run = load_text_to_video(Path(opts.checkpoint), torch.device(opts.device), opts.ema)
@@ -230,7 +242,6 @@ def evaluate(opts: EvaluateConfig) -> dict:
                           f"{type(run.cfg.data).__name__}; trainer.evaluate judges the "
                           f"synthetic set and needs its held-out clips: evaluate a "
                           f"data=synthetic run")
-    prompts = held_out_prompts(run.cfg.data, opts.prompts)
     extractor = feature_extractor(opts.features, run.task.autoencoder)
     memory = PeakMemory(torch.device(opts.device))
     samplers = [SamplerSpec(Guidance.cfg, opts.steps, opts.scale)]
@@ -240,15 +251,11 @@ def evaluate(opts: EvaluateConfig) -> dict:
             path = opts.linear_ag_file or calibration_path(run.run_dir, opts.steps, opts.scale)
             linear = load_coefficients(Path(path), run.model, opts.steps, opts.scale)
         samplers.append(SamplerSpec(opts.guidance, opts.steps, opts.scale, opts.gamma, linear))
-    rows = evaluate_samplers(run, samplers, SamplerSpec(Guidance.cfg, opts.reference_steps,
-                                                        opts.scale),
-                             prompts, held_out_clips(run.cfg.data, opts.prompts), extractor,
-                             opts.seed, opts.batch, memory)
-    table = {"run": str(run.run_dir), "step": run.step, "prompts": opts.prompts,
-             "seed": opts.seed, "features": extractor.label, "memory": memory.label,
-             "options": {k: (v.value if isinstance(v, Guidance) else v)
-                         for k, v in asdict(opts).items()},
-             "rows": rows}
+    table = sampler_table(run, samplers, opts.reference_steps, opts.scale, opts.prompts,
+                          extractor, opts.seed, opts.batch, memory)
+    table["options"] = {k: (v.value if isinstance(v, Guidance) else v)
+                        for k, v in asdict(opts).items()}
+    rows = table["rows"]
     output_dir = Path(opts.output_dir) if opts.output_dir else run.run_dir / "evaluation"
     output_dir.mkdir(parents=True, exist_ok=True)
     name = table_name(opts)
