@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install train test lint bench clean
+.PHONY: install train test chaos lint bench clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,12 @@ train: install
 
 test: install
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 $(PYTEST_ARGS)
+
+# a 4-process run SIGKILLed on a random rank 10 times, restarted each time, against an
+# uninterrupted one (tests/chaos.py); CHAOS_ARGS="--kills 20 --seed 7 --dir /tmp/chaos"
+CHAOS_ARGS ?= --kills 10
+chaos: install
+	OMP_NUM_THREADS=1 $(BIN)/python -m tests.chaos $(CHAOS_ARGS)
 
 lint: install
 	$(BIN)/ruff check .

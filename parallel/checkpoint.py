@@ -295,50 +295,11 @@ def load_training_state(directory: Path, model, optimizer, ema_state: dict) -> d
     return torch.load(directory / TRAINER_STATE_FILE, weights_only=True)
 
 
-def save_deepspeed_state(directory: Path, engine, ema_state: dict,
-                         trainer_state: dict) -> list[Path]:
-    """DeepSpeed's own layout (model, fp32 master, optimizer, scheduler; same ZeRO stage and
-    dp size to reload), this rank's EMA shard and rank 0's trainer state. Returns the
-    files this rank wrote itself; DeepSpeed's are left to the checkpointer's even split."""
-    engine.save(directory)
-    own = [directory / f"ema_rank{_rank():05d}.pt"]
-    torch.save(ema_state, own[0])
-    if _is_main():
-        torch.save(trainer_state, directory / TRAINER_STATE_FILE)
-        own.append(directory / TRAINER_STATE_FILE)
-    return own
+def load_checkpoint_weights(directory: Path, model, ema_state: dict) -> dict:
+    """A checkpoint's weights (and EMA, into ``ema_state``) in one process's plain
+    ``model``, whichever engine and mesh wrote it; returns the trainer state."""
+    from parallel.deepspeed_engine import CHECKPOINT_TAG, load_full_weights
 
-
-def load_deepspeed_state(directory: Path, engine, ema_state: dict) -> dict:
-    engine.load(directory)
-    rank = dist.get_rank() if _distributed() else 0
-    path = directory / f"ema_rank{rank:05d}.pt"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: DeepSpeed checkpoints reload only at the "
-                                f"data-parallel size that wrote them")
-    for name, value in torch.load(path, weights_only=True).items():
-        ema_state[name].copy_(value)
-    return torch.load(directory / TRAINER_STATE_FILE, weights_only=True)
-
-
-def load_deepspeed_weights(directory: Path, model, ema_state: dict) -> dict:
-    """In one process, whatever ZeRO stage and dp size wrote it: full fp32 weights into a
-    plain ``model`` and the per-rank EMA shards consolidated into ``ema_state`` (full
-    tensors by name); returns the trainer state."""
-    from parallel.deepspeed_engine import import_deepspeed
-
-    import_deepspeed(torch.device("cpu"))
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    model.load_state_dict(get_fp32_state_dict_from_zero_checkpoint(str(directory),
-                                                                   tag="deepspeed"))
-    shards = [torch.load(path, weights_only=True)
-              for path in sorted(directory.glob("ema_rank*.pt"))]
-    for name, target in ema_state.items():
-        pieces = [shard[name] for shard in shards]
-        if pieces[0].shape == target.shape:  # ZeRO-1/2: every rank holds the whole tensor
-            target.copy_(pieces[0])
-        else:  # ZeRO-3: rank r holds the r-th padded chunk of the flattened tensor
-            flat = torch.cat([piece.flatten() for piece in pieces])
-            target.copy_(flat[: target.numel()].view_as(target))
-    return torch.load(directory / TRAINER_STATE_FILE, weights_only=True)
+    if (directory / CHECKPOINT_TAG).is_dir():
+        return load_full_weights(directory, model, ema_state)
+    return load_training_state(directory, model, None, ema_state)

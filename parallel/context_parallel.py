@@ -99,6 +99,14 @@ class SequenceShards:
         """How many real tokens rank ``block``'s chunk holds; they are its first ones."""
         return max(0, min(self.local_length, self.valid_length - block * self.local_length))
 
+    def row_sums(self, x: torch.Tensor) -> torch.Tensor:
+        """(R, Ls, ...) shard -> (R,) fp64 sum of each row over its real tokens on every cp
+        rank, padding left out (what ``models.block_cache`` decides on)."""
+        real = x.narrow(1, 0, self.valid_in_block(self.rank))
+        sums = real.double().sum(tuple(range(1, x.dim())))
+        dist.all_reduce(sums, group=self.group)
+        return sums
+
 
 def _gather_along(x: torch.Tensor, group: dist.ProcessGroup, dim: int) -> torch.Tensor:
     """All-gather: (..., Ls, ...) -> (..., cp*Ls, ...), chunks in rank order."""
@@ -235,78 +243,125 @@ class _RingShift:
         return self._received
 
 
-SCORE_TILE_ELEMENTS = 1 << 24  # fp32 scores per tile: 64 MiB, whatever the sequence length
+def _fused_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
+    """The fused attention op that returns the log-sum-exp for these inputs: "cpu" (the CPU
+    flash kernel), "flash" or "efficient" (CUDA; chosen by the same checks SDPA makes)."""
+    if q.device.type == "cpu":
+        return "cpu"
+    if q.device.type == "cuda":
+        params = torch.backends.cuda.SDPAParams(q, k, v, None, 0.0, False, False)
+        # the raw flash op does not pad the head dim to a multiple of 8 as SDPA does
+        if q.size(-1) % 8 == 0 and torch.backends.cuda.can_use_flash_attention(params):
+            return "flash"
+        if torch.backends.cuda.can_use_efficient_attention(params):
+            return "efficient"
+    raise ValueError(
+        f"ring attention found no fused attention kernel for {q.dtype} q, k, v {tuple(q.shape)} "
+        f"on {q.device}: it runs on cpu, and on cuda with flash or memory-efficient SDPA "
+        f"enabled; use parallel.cp_mode=allgather_kv or ulysses, which call plain SDPA")
 
 
-def _query_tiles(q: torch.Tensor, keys: int) -> list[slice]:
-    """Row ranges of the local queries such that one tile's scores (B, h, rows, keys) stay
-    under SCORE_TILE_ELEMENTS: ring memory does not grow with Ls²."""
-    batch, heads, length = q.shape[:3]
-    rows = max(1, SCORE_TILE_ELEMENTS // max(1, batch * heads * keys))
-    return [slice(start, min(start + rows, length)) for start in range(0, length, rows)]
+def _fused_forward(kernel: str, q: torch.Tensor, k: torch.Tensor,
+                   v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (B, h, Lq, d) over k, v (B, h, Lk, d) -> out (B, h, Lq, d) in q's dtype and its
+    log-sum-exp (B, h, Lq) in fp32 (fp64 for fp64 inputs on cpu)."""
+    if kernel == "cpu":
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)
+    if kernel == "flash":
+        out, lse, *_ = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v)
+        return out, lse
+    out, lse, *_ = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True)
+    return out, lse[..., :q.size(2)]  # the kernel pads the LSE rows to a multiple of 32
+
+
+def _fused_backward(kernel: str, grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                    v: torch.Tensor, out: torch.Tensor,
+                    lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fused backward of q over k, v against a given ``out`` and ``lse`` (B, h, Lq):
+    -> dq (B, h, Lq, d), dk, dv (B, h, Lk, d), in q's dtype. With the merged output and LSE
+    of all key blocks this is one block's exact share of the full attention's gradient."""
+    if kernel == "cpu":
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad_out, q, k, v, out, lse, 0.0, False)
+    # Dropout is 0, so the kernels never read the philox seed and offset; the ops still take
+    # them, shaped as their forwards return them.
+    if kernel == "flash":
+        seed = torch.zeros(2, dtype=torch.uint64, device=q.device)
+        offset = torch.zeros((), dtype=torch.uint64, device=q.device)
+        return torch.ops.aten._scaled_dot_product_flash_attention_backward(
+            grad_out, q, k, v, out, lse, None, None, q.size(2), k.size(2), 0.0, False,
+            seed, offset)
+    seed = offset = torch.zeros((), dtype=torch.int64, device=q.device)
+    padded_lse = F.pad(lse, (0, -lse.size(-1) % 32))  # the row padding its forward returns
+    dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
+        grad_out, q, k, v, None, out, padded_lse, seed, offset, 0.0, [True, True, True, False])
+    return dq, dk, dv
+
+
+def _merge_block(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor,
+                 block_lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Online softmax: attention over some keys (out (B, h, Lq, d), lse (B, h, Lq), fp32)
+    and over further keys (block_out, block_lse) -> attention over both, in fp32. An lse of
+    -inf (no keys yet) takes the block as it is."""
+    merged = torch.logaddexp(lse, block_lse)
+    out = (out * torch.exp(lse - merged).unsqueeze(-1)
+           + block_out * torch.exp(block_lse - merged).unsqueeze(-1))
+    return out, merged
 
 
 class _RingAttention(torch.autograd.Function):
-    """Ring attention in fp32 math, tiled over queries: (B, h, Ls, d) x3 -> (B, h, Ls, d).
+    """Ring attention on fused kernels: (B, h, Ls, d) x3 -> (B, h, Ls, d).
 
     At step s, rank r holds the K/V chunk of rank (r - s) mod cp and has already posted the
-    hop of that chunk to r + 1, so the transfer overlaps the block's compute.
+    hop of that chunk to r + 1, so the transfer overlaps the block's compute. Each block's
+    output and LSE come from the fused kernel; they merge in fp32 (online softmax).
     """
 
     @staticmethod
     def forward(ctx, q, k, v, shards):
         group, size, rank = shards.group, shards.size, shards.rank
-        scale = 1.0 / math.sqrt(q.size(-1))
-        qf = q.float()
-        out = torch.zeros_like(qf)
-        lse = torch.full((*q.shape[:-1], 1), -math.inf, dtype=torch.float32, device=q.device)
+        kernel = _fused_kernel(q, k, v)
+        merge_dtype = torch.promote_types(q.dtype, torch.float32)
+        out = torch.zeros_like(q, dtype=merge_dtype)
+        lse = torch.full(q.shape[:-1], -math.inf, dtype=merge_dtype, device=q.device)
         kv = torch.stack([k, v])
         for step in range(size):
             hop = _RingShift(kv, group) if step < size - 1 else None
             valid = shards.valid_in_block((rank - step) % size)
             if valid:  # a chunk of pure padding contributes nothing (and never an all -inf row)
-                kb, vb = kv[:, :, :, :valid].float()
-                for rows in _query_tiles(q, valid):
-                    scores = qf[..., rows, :] @ kb.transpose(-1, -2) * scale
-                    block_lse = scores.logsumexp(-1, keepdim=True)
-                    block_out = torch.exp(scores - block_lse) @ vb
-                    merged = torch.logaddexp(lse[..., rows, :], block_lse)
-                    out[..., rows, :] = (out[..., rows, :] * torch.exp(lse[..., rows, :] - merged)
-                                         + block_out * torch.exp(block_lse - merged))
-                    lse[..., rows, :] = merged
+                block = _fused_forward(kernel, q, *kv[:, :, :, :valid])
+                out, lse = _merge_block(out, lse, *block)
             if hop is not None:
                 kv = hop.wait()
+        out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.shards, ctx.scale = shards, scale
-        return out.to(q.dtype)
+        ctx.shards, ctx.kernel = shards, kernel
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        """Flash-attention backward against the saved global LSE. K, V circulate as in the
-        forward; each rank's dK, dV contribution for the chunk it holds joins the partial sum
-        arriving from the previous rank and moves on, reaching the chunk's owner after cp hops.
+        """Each block's fused backward against the merged output and LSE. K, V circulate as
+        in the forward; each rank's dK, dV contribution for the chunk it holds joins the
+        partial sum arriving from the previous rank (added in fp32, sent in the input dtype)
+        and moves on, reaching the chunk's owner after cp hops.
         """
         q, k, v, out, lse = ctx.saved_tensors
-        shards, scale = ctx.shards, ctx.scale
+        shards, kernel = ctx.shards, ctx.kernel
         group, size, rank = shards.group, shards.size, shards.rank
-        qf, dout = q.float(), grad_out.float()
-        delta = (dout * out).sum(-1, keepdim=True)
-        dq = torch.zeros_like(qf)
+        grad_out = grad_out.to(q.dtype)
+        dq = torch.zeros_like(q, dtype=lse.dtype)
         kv = torch.stack([k, v])
         partial_dkv = None
         for step in range(size):
             hop = _RingShift(kv, group) if step < size - 1 else None
             valid = shards.valid_in_block((rank - step) % size)
-            dkv = torch.zeros_like(kv, dtype=torch.float32)
+            dkv = torch.zeros_like(kv, dtype=lse.dtype)
             if valid:
-                kb, vb = kv[:, :, :, :valid].float()
-                for rows in _query_tiles(q, valid):
-                    q_rows, dout_rows = qf[..., rows, :], dout[..., rows, :]
-                    p = torch.exp(q_rows @ kb.transpose(-1, -2) * scale - lse[..., rows, :])
-                    ds = p * (dout_rows @ vb.transpose(-1, -2) - delta[..., rows, :])
-                    dq[..., rows, :] += scale * (ds @ kb)
-                    dkv[0, ..., :valid, :] += scale * (ds.transpose(-1, -2) @ q_rows)
-                    dkv[1, ..., :valid, :] += p.transpose(-1, -2) @ dout_rows
+                block_dq, block_dk, block_dv = _fused_backward(
+                    kernel, grad_out, q, *kv[:, :, :, :valid], out, lse)
+                dq += block_dq
+                dkv[0, ..., :valid, :] += block_dk
+                dkv[1, ..., :valid, :] += block_dv
             if partial_dkv is not None:
                 dkv += partial_dkv.wait()
             partial_dkv = _RingShift(dkv.to(k.dtype), group)
@@ -320,9 +375,10 @@ def ring_attention(shards: SequenceShards, q: torch.Tensor, k: torch.Tensor, v: 
                    mask: torch.Tensor | None = None) -> torch.Tensor:
     """Ring attention: K/V chunks circulate, partial results merge by log-sum-exp.
 
-    (B, h, Ls, d) x3 -> (B, h, Ls, d). Blocks are computed in fp32 math in query tiles of
-    at most SCORE_TILE_ELEMENTS scores; K, V and the dK, dV partial sums travel in the input
-    dtype.
+    (B, h, Ls, d) x3 -> (B, h, Ls, d). Blocks run the device's fused attention kernel in the
+    input dtype (on cpu the flash kernel; on cuda flash or memory-efficient, untested on a
+    GPU here); outputs, LSEs and gradients accumulate in fp32; K, V and the dK, dV partial
+    sums travel in the input dtype.
     """
     _check_call(shards, q, mask)
     return _RingAttention.apply(q, k, v, shards)

@@ -1,17 +1,21 @@
 """DeepSpeed ZeRO (stage 1/2/3, optional CPU offload) as a data-parallel training engine.
 
-The trainer drives it like the FSDP2 engine: ``zero_grad``, forward through ``module``,
-``backward``, ``clip_and_step``, ``scheduler.step()``. Every rank is a data-parallel rank
+It implements ``parallel.engine.TrainingEngine``, the interface the trainer drives the
+FSDP2 engine through too. Every rank is a data-parallel rank
 (DeepSpeed here requires tp = cp = 1, so the mesh's ``dp`` group spans all ranks, which is
 DeepSpeed's default data-parallel group). Each rank feeds its slice of the global batch and
 backpropagates the mean loss of that slice; DeepSpeed averages the gradients over the ranks,
 which equals the gradient of the global-batch mean when the slices are equal.
 
-Precision is fp32 (no fp16/bf16 section). The optimizer is whatever the trainer's factory
-builds (torch AdamW + LambdaLR); with ``offload_optimizer`` it steps the fp32 master weights
-in CPU memory. DeepSpeedCPUAdam(adamw_mode=True) is the faster CPU step (DeepSpeed quotes
-5-7x) and a factory may return it, but its C++ op JIT-compiles on first use (~3 min on 2
-cores; cached in ~/.cache/torch_extensions).
+Precision: with ``bf16`` (the trainer's resolved ``parallel.param_dtype``) DeepSpeed's bf16
+section holds the model's weights in bf16 (forward under bf16 autocast), keeps fp32 master
+weights in the optimizer and reduces gradients in fp32; without it everything is fp32.
+
+The optimizer is whatever the trainer's factory builds (torch AdamW + LambdaLR); with
+``offload_optimizer`` it steps the fp32 master weights in CPU memory.
+DeepSpeedCPUAdam(adamw_mode=True) is the faster CPU step (DeepSpeed quotes 5-7x) and a
+factory may return it, but its C++ op JIT-compiles on first use (~3 min on 2 cores; cached
+in ~/.cache/torch_extensions).
 """
 
 from __future__ import annotations
@@ -26,10 +30,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from parallel.checkpoint import TRAINER_STATE_FILE
 from parallel.engine import OptimizerFactory
 from parallel.mesh import ParallelContext
 
 CHECKPOINT_TAG = "deepspeed"  # DeepSpeed's files go to <directory>/deepspeed/
+
+
+def ema_shard_path(directory: Path, rank: int) -> Path:
+    """Beside DeepSpeed's folder: rank ``rank``'s EMA tensors."""
+    return Path(directory) / f"ema_rank{rank:05d}.pt"
 
 
 def check_dims(tp: int, cp: int) -> None:
@@ -64,8 +74,9 @@ def import_deepspeed(device: torch.device):
 
 
 def ds_config(batch_size: int, dp_size: int, grad_clip: float, zero_stage: int,
-              offload_optimizer: bool, offload_params: bool) -> dict:
-    """The DeepSpeed config: micro-batch from the global batch, clipping, ZeRO switches."""
+              offload_optimizer: bool, offload_params: bool, bf16: bool = False) -> dict:
+    """The DeepSpeed config: micro-batch from the global batch, clipping, ZeRO switches,
+    and with ``bf16`` the bf16 section (bf16 weights, fp32 master and reduction)."""
     check_zero(zero_stage, offload_params)
     if batch_size % dp_size:
         raise ValueError(f"recipe.batch_size={batch_size} (the global batch) is not divisible "
@@ -75,7 +86,9 @@ def ds_config(batch_size: int, dp_size: int, grad_clip: float, zero_stage: int,
         zero["offload_optimizer"] = {"device": "cpu"}
     if offload_params:
         zero["offload_param"] = {"device": "cpu"}
-    return {
+    # bf16 gradients are summed over the ranks in fp32, as FSDP2's reduce_dtype does
+    precision = {"bf16": {"enabled": True}, "communication_data_type": "fp32"} if bf16 else {}
+    return precision | {
         "train_micro_batch_size_per_gpu": batch_size // dp_size,
         "gradient_accumulation_steps": 1,
         # DeepSpeed clips inside engine.step(), with torch's formula; 0 disables it.
@@ -95,19 +108,21 @@ class DeepSpeedEngine:
     ``make_optimizer(params) -> (optimizer, scheduler)`` is the trainer's factory (the one
     NativeEngine takes), so the LR schedule is the single-process one; ``scheduler`` is
     stepped by the trainer every step. ``batch_size`` is the global batch, ``grad_clip``
-    the max gradient norm (inf or <= 0: no clipping). Build the same model on every rank.
+    the max gradient norm (inf or <= 0: no clipping), ``bf16`` DeepSpeed's bf16 section.
+    Build the same model on every rank.
     """
 
     def __init__(self, model: nn.Module, make_optimizer: OptimizerFactory,
                  ctx: ParallelContext, *, batch_size: int, grad_clip: float, zero_stage: int,
-                 offload_optimizer: bool = False, offload_params: bool = False):
+                 offload_optimizer: bool = False, offload_params: bool = False,
+                 bf16: bool = False):
         check_dims(ctx.dims.tp, ctx.dims.cp)
         if not dist.is_initialized() and "RANK" not in os.environ:
             raise ValueError("parallel.engine=deepspeed needs torch.distributed: launch with "
                              "torchrun (also for one process: torchrun --nproc_per_node=1)")
         self.grad_clip = grad_clip if grad_clip > 0 else math.inf
         config = ds_config(batch_size, ctx.dp_size, self.grad_clip, zero_stage,
-                           offload_optimizer, offload_params)
+                           offload_optimizer, offload_params, bf16)
         deepspeed = import_deepspeed(ctx.device)
         self.zero_stage = zero_stage
         self.model = model
@@ -145,6 +160,10 @@ class DeepSpeedEngine:
 
     def zero_grad(self) -> None:
         self.engine.zero_grad()
+
+    def num_trainable(self) -> int:
+        """ZeRO-3 leaves each parameter an empty placeholder; ``ds_numel`` is its size."""
+        return sum(getattr(p, "ds_numel", p.numel()) for p in self.params)
 
     def backward(self, loss: torch.Tensor) -> None:
         """Backward of this rank's mean loss; gradients are averaged over the dp ranks.
@@ -201,16 +220,30 @@ class DeepSpeedEngine:
             if not coordinator.is_invalid_trace():
                 coordinator._invalidate_trace()
 
-    def save(self, directory: Path) -> None:
+    def save(self, directory: Path, ema_state: dict[str, torch.Tensor],
+             trainer_state: dict, asynchronous: bool = False) -> list[Path]:
         """Weights, fp32 master weights, optimizer and scheduler state into the existing
         ``directory``: DeepSpeed's files under ``deepspeed/`` (one optimizer file per rank)
-        and its ``zero_to_fp32.py``, which consolidates full fp32 weights offline. The
-        layout is DeepSpeed's own, loadable at the same ZeRO stage and dp size. Collective."""
+        and its ``zero_to_fp32.py``, which consolidates full fp32 weights offline; beside
+        them this rank's EMA tensors and rank 0's ``trainer_state``. The layout is
+        DeepSpeed's own, loadable at the same ZeRO stage and dp size. Returns the files this
+        rank wrote itself; DeepSpeed's are left to the checkpointer's even split.
+        Collective."""
+        if asynchronous:
+            raise ValueError("trainer.async_checkpoint=true writes DCP checkpoints; "
+                             "parallel.engine=deepspeed saves synchronously: set it to false")
         self.engine.save_checkpoint(str(directory), tag=CHECKPOINT_TAG,
                                     client_state={"scheduler": self.scheduler.state_dict()})
+        own = [ema_shard_path(directory, dist.get_rank())]
+        torch.save(ema_state, own[0])
+        if dist.get_rank() == 0:
+            own.append(Path(directory) / TRAINER_STATE_FILE)
+            torch.save(trainer_state, own[-1])
+        return own
 
-    def load(self, directory: Path) -> None:
-        """Restore what ``save`` wrote into ``directory``. Collective."""
+    def load(self, directory: Path, ema_state: dict[str, torch.Tensor]) -> dict:
+        """Restore what ``save`` wrote into ``directory``, the EMA into ``ema_state``; the
+        trainer state. Collective."""
         if not (Path(directory) / CHECKPOINT_TAG).is_dir():
             raise FileNotFoundError(f"no DeepSpeed checkpoint in {directory}: expected the "
                                     f"{CHECKPOINT_TAG}/ folder DeepSpeedEngine.save writes")
@@ -218,6 +251,13 @@ class DeepSpeedEngine:
                                                       load_lr_scheduler_states=False)
         self.scheduler.load_state_dict(client_state["scheduler"])
         self._relink_optimizer_views()
+        path = ema_shard_path(directory, dist.get_rank())
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: DeepSpeed checkpoints reload only at "
+                                    f"the data-parallel size that wrote them")
+        for name, value in torch.load(path, weights_only=True).items():
+            ema_state[name].copy_(value)
+        return torch.load(Path(directory) / TRAINER_STATE_FILE, weights_only=True)
 
     def _relink_optimizer_views(self) -> None:
         """ZeRO-1/2 map each parameter to its slice of the Adam state (what
@@ -236,3 +276,25 @@ class DeepSpeedEngine:
         with GatheredParameters(params, enabled=self.zero_stage == 3):
             state = {name: p.detach().clone() for name, p in self.model.named_parameters()}
         return state | {name: b.detach().clone() for name, b in self.model.named_buffers()}
+
+
+def load_full_weights(directory: Path, model: nn.Module,
+                      ema_state: dict[str, torch.Tensor]) -> dict:
+    """In one process, whatever ZeRO stage and dp size wrote it: full fp32 weights into a
+    plain ``model`` and the per-rank EMA shards consolidated into ``ema_state`` (full
+    tensors by name); returns the trainer state."""
+    import_deepspeed(torch.device("cpu"))
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    model.load_state_dict(get_fp32_state_dict_from_zero_checkpoint(str(directory),
+                                                                   tag=CHECKPOINT_TAG))
+    shards = [torch.load(path, weights_only=True)  # every rank's ema_shard_path, in order
+              for path in sorted(directory.glob("ema_rank*.pt"))]
+    for name, target in ema_state.items():
+        pieces = [shard[name] for shard in shards]
+        if pieces[0].shape == target.shape:  # ZeRO-1/2: every rank holds the whole tensor
+            target.copy_(pieces[0])
+        else:  # ZeRO-3: rank r holds the r-th padded chunk of the flattened tensor
+            flat = torch.cat([piece.flatten() for piece in pieces])
+            target.copy_(flat[: target.numel()].view_as(target))
+    return torch.load(directory / TRAINER_STATE_FILE, weights_only=True)

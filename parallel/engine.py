@@ -1,9 +1,10 @@
-"""The native training engine: one process, DTensor TP/CP, or FSDP2 — one step API.
+"""The training-engine interface, and the native engine: one process, DTensor TP/CP, or
+FSDP2.
 
-The trainer calls ``zero_grad``, ``backward(loss)``, ``clip_and_step(max_norm, allow)``
-and reads ``module``/``optimizer``/``scheduler``; ``parallel.deepspeed_engine`` offers
-the same methods for DeepSpeed. The optimizer comes from a factory the trainer passes in
-(``params -> (optimizer, scheduler)``), so this layer never imports the trainer.
+The trainer drives any engine through ``TrainingEngine`` (``parallel.deepspeed_engine``
+implements it for DeepSpeed), never asking which one it has. The optimizer comes from a
+factory the trainer passes in (``params -> (optimizer, scheduler)``), so this layer never
+imports the trainer.
 
 Nothing here reads a value back to the host: the gradient norm is a device tensor, the
 clip scale is applied by foreach ops, and a step refused by a device-side flag is skipped
@@ -15,6 +16,8 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -23,9 +26,51 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Placement
 from torch.distributed.tensor.experimental import implicit_replication
 
+from parallel.checkpoint import Written, load_training_state, save_training_state
+
 OptimizerFactory = Callable[[list[nn.Parameter]], tuple[torch.optim.Optimizer, object]]
 # allow_update(norm) -> a host bool, or a 0-d bool tensor decided on the device
 UpdateGate = Callable[[torch.Tensor], bool | torch.Tensor]
+
+
+class TrainingEngine(Protocol):
+    """What the trainer drives: a model, its optimizer and LR schedule, one step API.
+
+    ``module`` is what the forward goes through; ``scheduler`` is stepped by the trainer
+    every step (skipped updates included). Collective methods run on every rank.
+    """
+
+    module: nn.Module
+    scheduler: Any
+
+    def zero_grad(self) -> None: ...
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of this rank's loss (collective)."""
+
+    def clip_and_step(self, max_norm: float, allow_update: UpdateGate) -> torch.Tensor | float:
+        """Clip to ``max_norm`` and update iff ``allow_update(norm)``; the norm before
+        clipping (collective)."""
+
+    def ema_tensors(self) -> dict[str, torch.Tensor]:
+        """The local tensors of the trainable weights by name, live: an EMA averages them
+        and swaps its weights into them."""
+
+    def release_params(self) -> None:
+        """Make the next forward read ``ema_tensors`` again (call before writing them)."""
+
+    def num_trainable(self) -> int:
+        """Trainable parameters of the whole model (not this rank's share)."""
+
+    def save(self, directory: Path, ema_state: dict[str, torch.Tensor],
+             trainer_state: dict, asynchronous: bool = False) -> Written:
+        """Weights, optimizer, ``ema_state`` and rank 0's ``trainer_state`` into the
+        existing ``directory``; what the checkpointer gets (see ``parallel.checkpoint``).
+        Collective."""
+
+    def load(self, directory: Path, ema_state: dict[str, torch.Tensor]) -> dict:
+        """Restore what ``save`` wrote, EMA into ``ema_state``; the trainer state.
+        Collective."""
 
 
 def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
@@ -146,6 +191,21 @@ class NativeEngine:
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
+
+    def num_trainable(self) -> int:
+        return sum(p.numel() for p in self.params)  # a DTensor's numel is its full size
+
+    def release_params(self) -> None:
+        """Nothing to release: FSDP2 gathers from the shards at every forward."""
+
+    def save(self, directory: Path, ema_state: dict[str, torch.Tensor],
+             trainer_state: dict, asynchronous: bool = False) -> Written:
+        """A DCP checkpoint that loads at any mesh (``save_training_state``)."""
+        return save_training_state(directory, self.module, self.optimizer, ema_state,
+                                   trainer_state, asynchronous)
+
+    def load(self, directory: Path, ema_state: dict[str, torch.Tensor]) -> dict:
+        return load_training_state(directory, self.module, self.optimizer, ema_state)
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()

@@ -12,16 +12,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.distributed._composable import checkpoint
-from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
+from torch.distributed.tensor import DTensor, Replicate
 
 from models.dit import DiT
-from models.init import initial_value
+from models.init import DrawTally, initial_value
 from models.t2v import TextToVideo
 from models.tae_training import AutoencoderTraining
 from parallel.context_parallel import SequenceShards, context_parallel_attention
 from parallel.fsdp import apply_fsdp, apply_fsdp_autoencoder, needs_fsdp
 from parallel.mesh import ParallelContext
 from parallel.tensor_parallel import apply_tensor_parallel
+from parallel.weights import shard_index
 
 
 def apply_activation_checkpointing(dit: DiT, mode: str, every: int = 1) -> None:
@@ -60,8 +61,9 @@ def _shard_local(shards: SequenceShards, x: torch.Tensor, dim: int) -> torch.Ten
     return shards.shard(x, dim)
 
 
-def apply_context_parallel(dit: DiT, ctx: ParallelContext, mode: str) -> None:
-    """Each cp rank runs the blocks on its contiguous slice of the tokens.
+def apply_context_parallel(dit: DiT, ctx: ParallelContext, mode: str) -> SequenceShards:
+    """Each cp rank runs the blocks on its contiguous slice of the tokens; -> that split
+    (its ``row_sums`` let a block cache decide on whole rows).
 
     The patch tokens, the position table and the rotary tables are sliced (padded to a
     multiple of cp; the padding is masked inside attention), self-attention goes through
@@ -81,6 +83,17 @@ def apply_context_parallel(dit: DiT, ctx: ParallelContext, mode: str) -> None:
         dit.rope.register_forward_hook(
             lambda _, args, out: tuple(shards.shard(table, 0) for table in out))
     dit.final.register_forward_hook(lambda _, args, out: shards.gather(out, 1))
+    return shards
+
+
+def apply_model_parallel(dit: DiT, ctx: ParallelContext,
+                         cp_mode: str) -> SequenceShards | None:
+    """Tensor/sequence parallel, then context parallel: the plan training and sampling
+    share (sampling stops here: with no gradients or optimizer state to shard, FSDP
+    would only add a parameter all-gather to every step). -> the cp split, if any."""
+    if ctx.dims.tp > 1:
+        apply_tensor_parallel(dit, ctx.submesh("tp"))
+    return apply_context_parallel(dit, ctx, cp_mode) if ctx.dims.cp > 1 else None
 
 
 def parallelize_model(model: TextToVideo, ctx: ParallelContext, *, cp_mode: str,
@@ -88,10 +101,7 @@ def parallelize_model(model: TextToVideo, ctx: ParallelContext, *, cp_mode: str,
                       param_dtype: torch.dtype) -> None:
     """Apply every configured parallelism to the meta model in place."""
     dit = model.dit
-    if ctx.dims.tp > 1:
-        apply_tensor_parallel(dit, ctx.submesh("tp"))
-    if ctx.dims.cp > 1:
-        apply_context_parallel(dit, ctx, cp_mode)
+    apply_model_parallel(dit, ctx, cp_mode)
     apply_activation_checkpointing(dit, activation_checkpointing, checkpoint_every)
     if compile:
         compile_blocks(dit)
@@ -108,13 +118,15 @@ def parallelize_autoencoder(model: AutoencoderTraining, ctx: ParallelContext,
 
 
 @torch.no_grad()
-def materialise(model: nn.Module, device: torch.device, seed: int) -> None:
+def materialise(model: nn.Module, device: torch.device, seed: int) -> int:
     """Allocate this rank's shards on ``device`` and fill them with the single-process
-    initial values, one full parameter at a time (never the whole model)."""
+    initial values, drawing only this rank's block of each parameter (never a whole
+    sharded parameter, never the whole model). Returns the elements this rank drew from
+    the init generators."""
     model.to_empty(device=device)
+    tally = DrawTally()
     for name, param in model.named_parameters():
-        full = initial_value(model, name, param.shape, seed).to(device, param.dtype)
-        if isinstance(param, DTensor):
-            full = distribute_tensor(full, param.device_mesh, param.placements,
-                                     src_data_rank=None)
-        param.copy_(full)
+        local = param.to_local() if isinstance(param, DTensor) else param
+        value = initial_value(model, name, param.shape, seed, shard_index(param), tally)
+        local.copy_(value.to(device, param.dtype))
+    return tally.elements

@@ -48,16 +48,15 @@ SAMPLES_PER_GPU = 1536 / 6144
 class GPU:
     name: str
     bf16_tflops: float  # dense bf16 peak
-    fp32_tflops: float  # plain fp32 (no TF32): ring attention's math runs in fp32
     hbm_gb: float
     nvlink_gb_s: float  # per GPU per direction, inside a node
     ib_gb_s: float      # per GPU, between nodes
 
 
-GPUS = {"h100": GPU("H100 SXM", 989.0, 67.0, 80.0, 450.0, 50.0),
-        "h200": GPU("H200 SXM", 989.0, 67.0, 141.0, 450.0, 50.0),
+GPUS = {"h100": GPU("H100 SXM", 989.0, 80.0, 450.0, 50.0),
+        "h200": GPU("H200 SXM", 989.0, 141.0, 450.0, 50.0),
         # NVLink 3 (600 GB/s both ways) and one 200 Gb/s HDR port per GPU
-        "a100": GPU("A100 SXM 80GB", 312.0, 19.5, 80.0, 300.0, 25.0)}
+        "a100": GPU("A100 SXM 80GB", 312.0, 80.0, 300.0, 25.0)}
 
 
 def _gb(nbytes: float) -> str:
@@ -247,10 +246,8 @@ def evaluate(setup: Setup, c: Candidate) -> Prediction:
     peak = setup.gpu.bf16_tflops * 1e12
     # scores and weighted sum of self-attention, forward 4 L^2 D per layer and sample
     attention_flops = passes * m.depth * 4 * samples * tokens * tokens * m.width / shards
-    # SDPA (flash) runs in bf16; the ring kernel in fp32 math, query tile by tile
-    attention_rate = (setup.gpu.fp32_tflops * 1e12 if dims.cp > 1 and c.cp_mode == "ring"
-                      else peak)
-    attention_s = attention_flops / attention_rate
+    # SDPA and the ring's per-block fused kernels (flash) all run at the bf16 peak
+    attention_s = attention_flops / peak
     compute_s = (flops - attention_flops) / peak + attention_s
     exposed = exposed_seconds(setup, c, terms, compute_s, attention_s)
     step_s = compute_s + sum(exposed.values())
@@ -290,8 +287,8 @@ def plan(cfg: PlanConfig, setup: Setup | None = None) -> tuple[list[Prediction],
 
 ASSUMPTIONS = """\
 Assumptions: compute at the dense bf16 peak (a lower bound on time; MFU counts the 3 x
-forward model FLOPs, not the recompute), except ring attention's fp32 math at the fp32
-peak. NVLink inside a node of {node} GPUs, IB between nodes (a group spanning nodes runs at
+forward model FLOPs, not the recompute), ring attention's fused kernels included. NVLink
+inside a node of {node} GPUs, IB between nodes (a group spanning nodes runs at
 the IB rate); bytes are what one rank sends (bandwidth-optimal rings, as
 parallel.comm_counter measures), timed by bandwidth alone (no per-message latency).
 Overlap: FSDP2's gathers and reductions run beside compute, except the first unit's forward

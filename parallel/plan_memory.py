@@ -13,9 +13,10 @@ Activations (``activation_bytes``): what autograd saves in each block, tensor by
 (models/dit.py, models/attention.py, the composite RMSNorm and the CP kernels), and the
 peak of backward: the last block's SwiGLU backward holds three (B, L, ffn/tp) gradients
 where its saved product was, after the final layer's saved tensors are freed (ring
-attention: its score tiles). With recompute only each block's input stays, and that one
-block's saved set is rebuilt during its backward. Element sizes follow the eager kernels
-(tests/test_plan.py holds the peak to a live-tensor count); a compiled block saves less.
+attention: its gradient sums and the chunks in flight). With recompute only each block's
+input stays, and that one block's saved set is rebuilt during its backward. Element sizes
+follow the eager kernels (tests/test_plan.py holds the peak to a live-tensor count); a
+compiled block saves less.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import math
 from dataclasses import dataclass
 
 from models.dit import DiTConfig
-from parallel.context_parallel import SCORE_TILE_ELEMENTS
 from parallel.mesh import MeshDims
 from parallel.plan_comm import (
     ParamShapes,
@@ -109,9 +109,8 @@ def _self_attention_kernel(m: DiTConfig, s: ActivationShape) -> int:
     cp_mode = s.cp_mode if s.cp > 1 else "none"
     if cp_mode == "allgather_kv":  # local q and out; gathered K, V of the padded sequence
         kernel = 2 * head + 2 * head * s.cp + lse
-    elif cp_mode == "ring":  # q, k, v, the fp32 output and LSE it keeps for backward
-        kernel = 3 * head + b * ls * m.width // tp * FP32 + lse
-    else:  # SDPA (no CP, or ulysses on its head shards of the padded sequence): q, k, v, out
+    else:  # SDPA (no CP, or ulysses on its head shards of the padded sequence) and the
+        # ring's fused kernels: q, k, v, out and the LSE
         kernel = 4 * head + lse
     # wo reads the output merged over heads: free when the kernel wrote it (B, L, h, d), a
     # copy after RoPE's contiguous q or a CP kernel's (B, h, L, d) output
@@ -140,13 +139,11 @@ def sublayer_saved_bytes(m: DiTConfig, s: ActivationShape) -> dict[str, int]:
 
 
 def ring_backward_bytes(m: DiTConfig, s: ActivationShape) -> int:
-    """What ring attention's backward adds to the saved activations: four fp32 score tiles
-    (the probabilities, dO·Vᵀ, that minus delta, and the previous step's dS, released
-    only when the next one is assigned), plus its fp32 dQ, dK, dV and the K/V in flight."""
-    heads, keys = s.batch * m.heads // s.tp, s.local
-    rows = min(keys, max(1, SCORE_TILE_ELEMENTS // (heads * keys)))
+    """What ring attention's backward adds to the saved activations: its fp32 dQ and dK, dV
+    sums, the K/V in flight (the stacked chunk and the one arriving), the fused kernel's
+    dQ, dK, dV of one step and the dK, dV partial sum in flight."""
     head = s.batch * s.local * m.width // s.tp
-    return 4 * heads * rows * keys * FP32 + 3 * head * FP32 + 4 * head * s.element
+    return 3 * head * FP32 + (4 + 3 + 2) * head * s.element
 
 
 def outside_saved_bytes(m: DiTConfig, s: ActivationShape) -> tuple[int, int]:
@@ -171,7 +168,7 @@ def activation_bytes(m: DiTConfig, s: ActivationShape, recompute: bool) -> dict[
     block_input = s.batch * s.stream * m.width * s.element  # what a checkpoint keeps
     saved = m.depth * (block_input if recompute else block) + outside
     # The last block's backward, after the final layer's saved tensors are freed: SwiGLU's
-    # d(product), d(SiLU), d(w3 out) alive where the product was; ring attention's tiles
+    # d(product), d(SiLU), d(w3 out) alive where the product was; ring attention's buffers
     # once the block's SwiGLU and cross-attention are done.
     swiglu = 2 * s.batch * s.local * m.ffn_dim // s.tp * s.element
     ring = (ring_backward_bytes(m, s) - parts["ffn"] - parts["cross-attention"]

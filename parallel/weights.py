@@ -28,6 +28,7 @@ from torch import nn
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from models.dit import PositionEmbedding
 from models.init import initial_value
@@ -95,6 +96,13 @@ class CheckpointWeights:
             dcp.load({key: out}, storage_reader=self.reader, no_dist=True)
         return out
 
+    def load_local(self, targets: dict[str, torch.Tensor]) -> None:
+        """Read each named tensor's part that its target holds: a DTensor's local shard
+        (DCP reads only the saved chunks overlapping it), a plain tensor whole."""
+        with single_process_checkpoint_io():
+            dcp.load({self.keys[name]: target for name, target in targets.items()},
+                     storage_reader=self.reader, no_dist=True)
+
 
 class SafetensorsWeights:
     """A safetensors file (``trainer.export``, ``trainer.average``): one set of weights,
@@ -115,6 +123,25 @@ class SafetensorsWeights:
 
     def read(self, name: str) -> torch.Tensor:
         return self.handle.get_tensor(name)
+
+    def load_local(self, targets: dict[str, torch.Tensor]) -> None:
+        """Read each named tensor's part that its target holds: only the bytes of a
+        DTensor's local shard, a plain tensor whole."""
+        for name, target in targets.items():
+            local = target.to_local() if isinstance(target, DTensor) else target
+            index = shard_index(target)
+            local.copy_(self.handle.get_tensor(name) if index is None
+                        else self.handle.get_slice(name)[index])
+
+
+def shard_index(tensor: torch.Tensor) -> tuple[slice, ...] | None:
+    """Where this rank's local shard of a DTensor lies in the full tensor; None where the
+    rank holds the whole tensor (a plain or replicated one)."""
+    if not isinstance(tensor, DTensor) or all(p.is_replicate() for p in tensor.placements):
+        return None
+    shape, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh,
+                                                          tensor.placements)
+    return tuple(slice(start, start + size) for start, size in zip(offset, shape, strict=True))
 
 
 def open_weights(path: Path, ema: bool) -> CheckpointWeights | SafetensorsWeights:
@@ -224,6 +251,21 @@ def plan_load(model: nn.Module, specs: dict[str, Spec], allow_missing: Iterable[
         else:
             plan.mismatched[name] = (saved, wanted)
     return plan
+
+
+@torch.no_grad()
+def load_local_shards(model: nn.Module, source: CheckpointWeights | SafetensorsWeights,
+                      plan: LoadPlan) -> None:
+    """Fill the model (built on meta, sharded, then ``to_empty``) with only this rank's
+    part of every tensor, without collectives: a sharded tensor is assembled from the
+    saved chunks that overlap its shard (from a safetensors file, the shard's bytes
+    only), never whole. The plan must copy every tensor (``plan_load(..., grow=False)``
+    without problems)."""
+    if plan.grow or plan.allowed:
+        raise ValueError("load_local_shards copies tensors whole-shaped only; plan with "
+                         "grow=False and no allowed-missing names")
+    state = model.state_dict(keep_vars=True)
+    source.load_local({name: state[name] for name in plan.copy})
 
 
 @torch.no_grad()

@@ -177,7 +177,7 @@ def run_case(ctx, name: str, directory: Path) -> dict:
         note("ema_tensors", (relative_error(whole[: final[n].numel()].view_as(final[n]),
                                             final[n]), n))
 
-    engine.save(directory)
+    engine.save(directory, {}, {"step": len(PLAN)})
     saved_weights, saved_optimizer = weights(), local_optimizer_state()
     assert len(saved_optimizer) >= 3  # fp32 master, exp_avg, exp_avg_sq at least
 
@@ -204,8 +204,8 @@ def run_case(ctx, name: str, directory: Path) -> dict:
     uninterrupted, uninterrupted_moments = weights(), moments()
     note("after_swap", worst(uninterrupted, expected))
     with pytest.raises(FileNotFoundError, match="no DeepSpeed checkpoint in"):
-        engine.load(directory.parent)
-    engine.load(directory)
+        engine.load(directory.parent, {})
+    assert engine.load(directory, {}) == {"step": len(PLAN)}
     note("reloaded_weights", worst(weights(), saved_weights))
     reloaded = local_optimizer_state()
     note("reloaded_optimizer", max((relative_error(a, b), f"tensor {i}") for i, (a, b)

@@ -40,7 +40,7 @@ HOST_READS = ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__
 # index order (a CPU tensor), and the dropout mask of raw captions, which are host
 # strings (drawn on the training device: on a GPU still one small sync per step with
 # raw captions; cached text encodings are masked on the device).
-HOST_SIDE = {("data/loader.py", "__iter__"), ("trainer/objective.py", "drop_captions")}
+HOST_SIDE = {("data/loader.py", "_batch_indices"), ("trainer/objective.py", "drop_captions")}
 
 
 def reading_site() -> tuple[str, str]:

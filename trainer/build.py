@@ -16,11 +16,12 @@ from models.flow import FlowMatching
 from models.pretrained_text import EncoderSettingError
 from models.t2v import TextToVideo
 from models.text import TextConditioner
+from parallel.engine import NativeEngine, TrainingEngine
 from parallel.mesh import MeshDims, ParallelContext
 from parallel.parallelize import materialise, parallelize_model
-from trainer.config import ConfigError, Engine, Precision, TrainConfig
-
-DTYPES = {Precision.fp32: torch.float32, Precision.bf16: torch.bfloat16}
+from trainer.config import ConfigError, Engine, TrainConfig
+from trainer.optim import build_optimizer
+from trainer.precision import param_dtype
 
 
 def single_process(device: torch.device) -> ParallelContext:
@@ -87,7 +88,7 @@ def build_model(cfg: TrainConfig, ctx: ParallelContext) -> TextToVideo:
     parallelize_model(model, parallel_ctx, cp_mode=par.cp_mode.value,
                       activation_checkpointing=par.activation_checkpointing.value,
                       checkpoint_every=par.checkpoint_every, compile=par.compile,
-                      param_dtype=DTYPES[par.param_dtype])
+                      param_dtype=param_dtype(cfg, ctx.device))
     materialise(model, ctx.device, cfg.trainer.seed)
     return model
 
@@ -95,3 +96,24 @@ def build_model(cfg: TrainConfig, ctx: ParallelContext) -> TextToVideo:
 def build_flow(cfg: TrainConfig) -> FlowMatching:
     recipe = cfg.recipe
     return FlowMatching(recipe.sigma_min, recipe.t_mean, recipe.t_std, recipe.noise_offset)
+
+
+def build_engine(cfg: TrainConfig, model: torch.nn.Module, ctx: ParallelContext
+                 ) -> TrainingEngine:
+    """The engine ``parallel.engine`` names, around the built ``model``."""
+    par = cfg.parallel
+
+    def make_optimizer(params):
+        # fused: the native engine skips a non-finite step on the device through it
+        return build_optimizer(params, cfg.recipe, cfg.trainer.max_steps,
+                               fused=par.engine is Engine.fsdp2)
+
+    if par.engine is Engine.fsdp2:
+        return NativeEngine(model, make_optimizer)
+    from parallel.deepspeed_engine import DeepSpeedEngine
+
+    return DeepSpeedEngine(model, make_optimizer, ctx, batch_size=cfg.recipe.batch_size,
+                           grad_clip=cfg.recipe.grad_clip, zero_stage=par.zero_stage,
+                           offload_optimizer=par.offload_optimizer,
+                           offload_params=par.offload_params,
+                           bf16=param_dtype(cfg, ctx.device) is torch.bfloat16)

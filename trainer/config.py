@@ -38,6 +38,7 @@ class ConfigError(ValueError):
 
 
 class Precision(Enum):
+    auto = "auto"  # by device: bf16 on a CUDA GPU that has it, else fp32 (trainer.precision)
     fp32 = "fp32"
     bf16 = "bf16"
 
@@ -68,6 +69,7 @@ class Engine(Enum):
 class Task(Enum):
     t2v = "t2v"  # the text-conditioned DiT by flow matching on the autoencoder's latents
     tae = "tae"  # the autoencoder itself (recipe=tae_adamw)
+    distill = "distill"  # a few-step student of a trained t2v teacher (recipe=distill)
 
 
 class ActivationCheckpointing(Enum):
@@ -114,8 +116,14 @@ class SyntheticDataConfig:
     # clips (trainer.judge_steps Euler steps) and log how often data.judges sees what they
     # name: val/colour_match, val/shape_match, val/direction_match, val/speed_match.
     judge_prompts: int = 0
+    # loader processes that build and collate the training batches (0: the training
+    # process builds them); the order and the resume position do not depend on it
+    num_workers: int = 2
 
     def __post_init__(self) -> None:
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers={self.num_workers} must be >= 0 (0 builds "
+                              f"the batches in the training process)")
         if self.judge_prompts < 0:
             raise ConfigError(f"data.judge_prompts={self.judge_prompts} must be >= 0 "
                               f"(0 turns judging off)")
@@ -130,7 +138,9 @@ class ParallelConfig:
     tp: int = 1
     cp_mode: CPMode = CPMode.allgather_kv
     engine: Engine = Engine.fsdp2
-    param_dtype: Precision = Precision.fp32  # FSDP2 compute dtype; reductions stay fp32
+    # The dtype FSDP2 gathers the fp32 weights in for compute (DeepSpeed: its bf16 section);
+    # reductions and master weights stay fp32. auto: the resolved trainer.precision.
+    param_dtype: Precision = Precision.auto
     zero_stage: int = 2                      # DeepSpeed only
     offload_optimizer: bool = False          # DeepSpeed only: optimizer state on CPU
     offload_params: bool = False             # DeepSpeed ZeRO-3 only: parameters on CPU
@@ -178,6 +188,9 @@ class PixelLossConfig:
 
     def __post_init__(self) -> None:
         self.crop = [int(n) for n in self.crop]  # Hydra passes a ListConfig
+        if self.dtype is Precision.auto:
+            raise ConfigError("recipe.pixel_loss.dtype=auto is not a dtype: set fp32 or bf16 "
+                              "(the frozen decoder's weights and activations)")
         if not 0.0 <= self.weight < float("inf"):
             raise ConfigError(f"recipe.pixel_loss.weight={self.weight} must be a finite "
                               f"number >= 0 (8 for a DiT in arXiv 2409.17565; 0 turns it off)")
@@ -311,7 +324,10 @@ class TrainerConfig:
     max_steps: int = 1000
     seed: int = 0
     device: str = "cpu"
-    precision: Precision = Precision.fp32
+    # auto: bf16 autocast on a CUDA GPU with bf16, fp32 elsewhere (trainer.precision)
+    precision: Precision = Precision.auto
+    # TF32 in CUDA matmuls and convolutions; null: on for CUDA (true on the CPU is an error)
+    tf32: bool | None = None
     # Steps between host reads of the step values (loss, grad norm, lr, skip counts): in
     # between they stay on the device, so a step never waits for it; each read writes the
     # steps since the last one to metrics.jsonl. Validation, sample and checkpoint steps
@@ -367,7 +383,7 @@ class TrainConfig:
     run_name: str = "t2v_tiny"
 
     def __post_init__(self) -> None:
-        if self.task is Task.t2v and isinstance(self.autoencoder, TAEConfig):
+        if self.task is not Task.tae and isinstance(self.autoencoder, TAEConfig):
             check_autoencoder_checkpoint(self.autoencoder.checkpoint)
         cap = self.recipe.step_cap
         if cap is not None and self.trainer.max_steps > cap:
@@ -446,6 +462,9 @@ def register_configs() -> None:
     from trainer.preference_config import PreferenceRecipeConfig
 
     cs.store(group="recipe", name="preference_recipe_schema", node=PreferenceRecipeConfig)
+    from trainer.distill_config import DistillRecipeConfig
+
+    cs.store(group="recipe", name="distill_recipe_schema", node=DistillRecipeConfig)
 
 
 def to_train_config(cfg: DictConfig) -> TrainConfig:

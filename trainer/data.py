@@ -8,15 +8,11 @@ from itertools import islice
 from torch.utils.data import Dataset
 
 from data.loader import ShuffledBatches
-from data.shards import (
-    ShardBatches,
-    WebDatasetConfig,
-    build_shard_batches,
-    build_val_shard_batches,
-)
+from data.shards import WebDatasetConfig, build_shard_batches, build_val_shard_batches
 from data.synthetic import SyntheticVideos
 from parallel.mesh import ParallelContext
 from trainer.config import ConfigError, SyntheticDataConfig, TrainConfig
+from trainer.device_batches import DeviceBatches
 
 
 def build_datasets(cfg: SyntheticDataConfig | WebDatasetConfig
@@ -35,7 +31,7 @@ class EveryRankPosition:
     """Shard loaders keep a position per rank; checkpoints are written by rank 0, so the
     state gathers every rank's position and each rank restores its own."""
 
-    def __init__(self, batches: ShardBatches, ctx: ParallelContext):
+    def __init__(self, batches: DeviceBatches, ctx: ParallelContext):
         self.batches, self.ctx = batches, ctx
 
     def __iter__(self):
@@ -53,20 +49,22 @@ class EveryRankPosition:
 
 
 def build_train_batches(cfg: TrainConfig, train_data: Dataset | None,
-                        ctx: ParallelContext) -> ShuffledBatches | EveryRankPosition:
-    """This rank's slice of every global batch: split by the *data-parallel* rank only, so
-    all cp/tp ranks of one replica get the same samples."""
+                        ctx: ParallelContext) -> DeviceBatches | EveryRankPosition:
+    """This rank's slice of every global batch, on ``ctx.device``: split by the
+    *data-parallel* rank only, so all cp/tp ranks of one replica get the same samples.
+    Synthetic samples are built in ``data.num_workers`` loader processes."""
     if isinstance(cfg.data, WebDatasetConfig):
         try:  # shards that do not exist, or fewer than the ranks they must feed
             batches = build_shard_batches(cfg.data, ctx.dp_rank, ctx.dp_size)
         except ValueError as error:
             raise ConfigError(str(error)) from None
-        return EveryRankPosition(batches, ctx)
+        return EveryRankPosition(DeviceBatches(batches, ctx.device), ctx)
     if cfg.data.num_samples < cfg.recipe.batch_size:
         raise ConfigError(f"data.num_samples={cfg.data.num_samples} is fewer than one global "
                           f"batch of recipe.batch_size={cfg.recipe.batch_size}")
-    return ShuffledBatches(train_data, cfg.recipe.batch_size // ctx.dp_size, cfg.trainer.seed,
-                           ctx.dp_rank, ctx.dp_size)
+    return DeviceBatches(ShuffledBatches(train_data, cfg.recipe.batch_size // ctx.dp_size,
+                                         cfg.trainer.seed, ctx.dp_rank, ctx.dp_size,
+                                         num_workers=cfg.data.num_workers), ctx.device)
 
 
 def build_val_batches(cfg: TrainConfig) -> Callable[[], Iterator[dict]] | None:

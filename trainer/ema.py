@@ -24,7 +24,10 @@ class EMA:
         self.decay = decay
         self.before_swap = before_swap
         self.params = params
-        self.shadow = {name: p.detach().clone() for name, p in params.items()}
+        # at least fp32: in bf16 weights (DeepSpeed's bf16 section) each step's pull of
+        # 1 - decay (0.001) toward them would round away
+        self.shadow = {name: p.detach().to(torch.promote_types(p.dtype, torch.float32),
+                                           copy=True) for name, p in params.items()}
 
     def current_decay(self, step: int) -> float:
         """Warm-up so early weights are not averaged with the random init for long."""
@@ -37,6 +40,7 @@ class EMA:
         weight = 1.0 - self.current_decay(step)
         shadows = [local_tensor(s) for s in self.shadow.values()]
         params = [local_tensor(self.params[name]).detach() for name in self.shadow]
+        params = [p.to(s.dtype) for p, s in zip(params, shadows, strict=True)]
         if applied is None:
             torch._foreach_lerp_(shadows, params, weight)
             return

@@ -40,7 +40,7 @@ MAY_CHANGE = (
     "trainer.judge_steps", "trainer.ckpt_every", "trainer.keep_last",
     "trainer.max_nonfinite_steps", "trainer.progress", "trainer.wandb.*",
     "trainer.init_*",  # only a fresh run starts from init_from
-    "trainer.force", "trainer.async_checkpoint",
+    "trainer.force", "trainer.async_checkpoint", "trainer.tf32",
     # the optimizer's hyperparameters and the schedule: ``trainer.optim.Scheduler`` applies
     # this run's values to the restored optimizer
     "recipe.lr", "recipe.betas", "recipe.weight_decay", "recipe.eps", "recipe.schedule",

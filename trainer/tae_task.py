@@ -21,11 +21,10 @@ from models.tae_losses import PatchDiscriminator, tae_loss
 from models.tae_training import AutoencoderTraining
 from parallel.mesh import ParallelContext
 from parallel.parallelize import materialise, parallelize_autoencoder
-from trainer.build import DTYPES
 from trainer.config import TrainConfig
 from trainer.data import build_val_batches
 from trainer.draws import StepDraws
-from trainer.precision import autocast
+from trainer.precision import autocast, param_dtype
 from trainer.sampling import write_videos
 from trainer.video_quality import psnr, ssim
 
@@ -44,7 +43,7 @@ class AutoencoderTask:
                                                 layers=recipe.disc_layers)
                              if recipe.discriminator else None)
             model = AutoencoderTraining(instantiate(self.cfg.autoencoder), discriminator)
-        parallelize_autoencoder(model, self.ctx, DTYPES[self.cfg.parallel.param_dtype])
+        parallelize_autoencoder(model, self.ctx, param_dtype(self.cfg, self.ctx.device))
         materialise(model, self.ctx.device, self.cfg.trainer.seed)
         # a function of the video size here; the DiT task's latent_shape is one shape
         self.latent_shape_of = model.autoencoder.latent_shape

@@ -8,7 +8,9 @@ step's loss is bitwise identical to an uninterrupted run.
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 import random
 from functools import partial
 from pathlib import Path
@@ -18,17 +20,12 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from parallel.checkpoint import (
-    Checkpointer,
-    Written,
-    load_deepspeed_state,
-    load_training_state,
-    save_deepspeed_state,
-    save_training_state,
-)
-from parallel.engine import NativeEngine
+from parallel.checkpoint import Checkpointer, Written
+from parallel.engine import TrainingEngine
+from parallel.fsdp import needs_fsdp
 from parallel.mesh import ParallelContext, init_parallel, read_launch_env, shutdown
 from parallel.preemption import REQUEUE_EXIT_CODE, PreemptionFlag
+from trainer.build import build_engine
 from trainer.config import (
     ConfigError,
     Engine,
@@ -42,8 +39,7 @@ from trainer.early_stop import EarlyStopping, on_validation
 from trainer.ema import EMA
 from trainer.init_from import initialise_from
 from trainer.metrics import Monitor
-from trainer.optim import build_optimizer
-from trainer.precision import autocast
+from trainer.precision import ResolvedPrecision, apply_tf32, autocast, resolve_precision
 from trainer.resume_settings import check_resume, launch_metadata, with_run_config
 from trainer.run_lock import RunDirInUse, RunDirLock
 from trainer.start_checks import check_parallel_fits, check_start
@@ -112,42 +108,17 @@ def trainer_state(step, stateful) -> dict:
             **{name: obj.state_dict() for name, obj in stateful.items()}}
 
 
-def build_engine(cfg: TrainConfig, model, ctx: ParallelContext):
-    par = cfg.parallel
-
-    def make_optimizer(params):
-        # fused: the native engine skips a non-finite step on the device through it
-        return build_optimizer(params, cfg.recipe, cfg.trainer.max_steps,
-                               fused=par.engine is Engine.fsdp2)
-
-    if par.engine is Engine.fsdp2:
-        return NativeEngine(model, make_optimizer)
-    from parallel.deepspeed_engine import DeepSpeedEngine
-
-    return DeepSpeedEngine(model, make_optimizer, ctx, batch_size=cfg.recipe.batch_size,
-                           grad_clip=cfg.recipe.grad_clip, zero_stage=par.zero_stage,
-                           offload_optimizer=par.offload_optimizer,
-                           offload_params=par.offload_params)
-
-
-def save_checkpoint(directory: Path, engine, ema: EMA, state: dict,
+def save_checkpoint(directory: Path, engine: TrainingEngine, ema: EMA, state: dict,
                     asynchronous: bool = False) -> Written:
-    if isinstance(engine, NativeEngine):
-        return save_training_state(directory, engine.module, engine.optimizer,
-                                   ema.state_dict(), state, asynchronous)
-    return save_deepspeed_state(directory, engine, ema.state_dict(), state)
+    return engine.save(directory, ema.state_dict(), state, asynchronous)
 
 
-def restore(path: Path | None, engine, ema: EMA, stateful: dict) -> int:
+def restore(path: Path | None, engine: TrainingEngine, ema: EMA, stateful: dict) -> int:
     """Load the newest intact checkpoint ``path`` (None: a fresh run); the step to continue
-    from. Native checkpoints load at any mesh, DeepSpeed ones at the ZeRO stage and dp size
-    that wrote them."""
+    from. Whether it loads at another mesh is the engine's (native: any mesh)."""
     if path is None:
         return 0
-    if isinstance(engine, NativeEngine):
-        state = load_training_state(path, engine.module, engine.optimizer, ema.state_dict())
-    else:
-        state = load_deepspeed_state(path, engine, ema.state_dict())
+    state = engine.load(path, ema.state_dict())
     for name, obj in stateful.items():
         if name == "early_stop" and name not in state:
             continue  # early stopping turned on at this resume: it starts watching now
@@ -164,14 +135,27 @@ def start_parallel(cfg: TrainConfig) -> ParallelContext:
                          cfg.parallel.timeout_minutes)
 
 
+def start_precision(cfg: TrainConfig, ctx: ParallelContext) -> ResolvedPrecision:
+    """Resolve the run's precision on this rank's device (the mesh decides whether FSDP,
+    and so parallel.param_dtype, acts) and apply its TF32 switch."""
+    sharded = cfg.parallel.engine is not Engine.fsdp2 or needs_fsdp(ctx)  # ZeRO shards
+    precision = resolve_precision(cfg, ctx.device, sharded)
+    apply_tf32(precision, ctx.device)
+    return precision
+
+
 def train(cfg: TrainConfig, run_dir: Path, config_dict: dict) -> bool:
     """Train to ``trainer.max_steps`` (or an early stop); True if a preemption signal
     stopped the run after checkpointing (the caller exits with the requeue code)."""
     check_start(cfg)
     ctx = start_parallel(cfg)
+    precision = start_precision(cfg, ctx)
     lock = RunDirLock(run_dir).acquire(ctx.is_main)  # before anything in it is written
     preemption = PreemptionFlag(ctx.device)  # from here a signal checkpoints, not kills
     torch.manual_seed(cfg.trainer.seed)
+    # checkpoints store python's RNG too: seeded, a resumed run's state equals an
+    # uninterrupted one's instead of each launch's own OS entropy
+    random.seed(cfg.trainer.seed)
     task = build_task(cfg, ctx)
     model = task.build_model()
     checkpointer = Checkpointer(run_dir / "checkpoints", cfg.trainer.keep_last)
@@ -180,11 +164,10 @@ def train(cfg: TrainConfig, run_dir: Path, config_dict: dict) -> bool:
     # would load a subset of the weights silently
     changes = check_resume(cfg, resume_from)
     run_config = launch_metadata(cfg)  # stored with every checkpoint
-    # before the engine (DeepSpeed partitions the weights it is given) and the EMA
+    # before the engine (a ZeRO engine partitions the weights it is given) and the EMA
     initialise_from(cfg, model, resume_from, ctx.is_main)
     engine = build_engine(cfg, model, ctx)
-    ema = EMA(engine.ema_tensors(), cfg.recipe.ema_decay,
-              getattr(engine, "release_params", None))
+    ema = EMA(engine.ema_tensors(), cfg.recipe.ema_decay, engine.release_params)
     batches = build_train_batches(cfg, build_datasets(cfg.data)[0], ctx)
     val_batches = build_val_batches(cfg)
     guard = NonFiniteGuard(cfg.trainer.max_nonfinite_steps)
@@ -199,9 +182,9 @@ def train(cfg: TrainConfig, run_dir: Path, config_dict: dict) -> bool:
     monitor = Monitor(cfg, run_dir, config_dict, step, enabled=ctx.is_main)
     if changes:
         monitor.write(f"resumed with changed settings: {'; '.join(changes)}")
-    trainable = sum(getattr(p, "ds_numel", p.numel()) for p in engine.params)
-    monitor.write(f"{trainable:,} trainable parameters; {task.describe()}; mesh {ctx.dims}; "
-                  f"run dir {run_dir}")
+    monitor.write(f"{engine.num_trainable():,} trainable parameters; {task.describe()}; "
+                  f"mesh {ctx.dims}; run dir {run_dir}")
+    monitor.write(precision.describe())
     data_iter = iter(batches)
     preempted = False
     if stopper.stopped:
@@ -257,6 +240,18 @@ def train(cfg: TrainConfig, run_dir: Path, config_dict: dict) -> bool:
 register_configs()
 
 
+def exit_failed_rank() -> None:
+    """End this rank now, with the traceback logged. A rank fails most often because a
+    peer died inside a collective; Python's normal exit then waits on threads and process
+    group teardown blocked on that peer (seen: survivors of a rank killed mid-checkpoint
+    sat there until torchrun SIGKILLed them). Checkpoints are published by an atomic
+    rename, so nothing half-written survives the hard exit."""
+    logging.getLogger(__name__).exception("rank %s failed; exiting without cleanup",
+                                          os.environ.get("RANK", "?"))
+    logging.shutdown()
+    os._exit(1)
+
+
 @hydra.main(version_base=None, config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -267,6 +262,10 @@ def main(cfg: DictConfig) -> None:
         raise SystemExit(f"config error: {error}") from None
     except RunDirInUse as error:
         raise SystemExit(str(error)) from None
+    except Exception:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            exit_failed_rank()
+        raise
     if preempted:
         raise SystemExit(REQUEUE_EXIT_CODE)
 
