@@ -63,12 +63,15 @@ class GuidanceTrace:
     switch_step: (B,) long, the first step run without the unconditional pass, -1 where
     every step was guided (a switched sample's NFE is S + switch_step under adaptive);
     cosine: (S, B) fp64, the cosine similarity of the conditional and unconditional
-    velocity at each step, NaN where the unconditional pass was not run.
+    velocity at each step, NaN where the unconditional pass was not run;
+    block_evaluations: (B,) long, DiT blocks run for that sample (each of its rows counts),
+    filled in by the caller that knows the depth and any block cache.
     """
 
     nfe: torch.Tensor
     switch_step: torch.Tensor
     cosine: torch.Tensor
+    block_evaluations: torch.Tensor | None = None
 
 
 class GuidedVelocity:

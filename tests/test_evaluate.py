@@ -15,17 +15,19 @@ from models.autoencoder import IdentityAutoencoder
 from tests.conftest import ROOT, python_cmd
 from tests.test_pixel_loss import tiny_tae
 from tests.test_train_e2e import QUIET, train_cmd
+from trainer.block_cache_calibration import main as block_calibrate_main
 from trainer.config import ConfigError
 from trainer.evaluate import COLUMNS, EvaluateConfig, evaluate, table_name
 from trainer.frechet import feature_extractor, frechet_distance
 from trainer.linear_guidance import main as calibrate_main
 from trainer.peak_memory import PeakMemory
 from trainer.sample import SampleConfig, sample_traced
-from trainer.sampling import Guidance
+from trainer.sampling import Cache, Guidance
 
 OPTIONS = ["guidance=adaptive", "gamma=0.5", "steps=3", "reference_steps=4", "prompts=4",
            "batch=3", "seed=7"]
 TIMINGS = ("seconds_per_video", "peak_memory_mib")
+DEPTH = 2  # the trained run's model.depth (tests.test_train_e2e.TINY)
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +94,26 @@ def test_sample_and_evaluate_take_adaptive_and_calibrated_linear_guidance(traine
     assert "1 of 3 unconditional passes predicted" in capsys.readouterr().out
     linear = evaluate(opts)["rows"][2]
     assert linear["sampler"].startswith("linear_ag") and linear["nfe_per_video"] == 5.0
+
+
+def test_sample_and_evaluate_take_a_block_cache(trained, tmp_path, capsys):
+    _, traces = sample_traced(SampleConfig(checkpoint=str(trained), prompt="a red square",
+                                           steps=3, cache=Cache.teacache, cache_threshold=1e9,
+                                           output_dir=str(tmp_path / "videos")))
+    assert traces[0].nfe.tolist() == [6] and traces[0].block_evaluations.tolist() == [
+        2 * DEPTH]  # both CFG rows run every block at step 0 only
+    opts = EvaluateConfig(checkpoint=str(trained), cache=Cache.block, cache_threshold=1e9,
+                          steps=3, reference_steps=4, prompts=2, batch=2, wandb="disabled",
+                          output_dir=str(tmp_path / "block"))
+    with pytest.raises(ConfigError, match="block_steps3_scale5.json, which is missing"):
+        evaluate(opts)
+    block_calibrate_main([f"checkpoint={trained}", "steps=3", "scale=5", "prompts=2"])
+    assert f"{DEPTH} blocks, 3 steps, 2 prompts" in capsys.readouterr().out
+    _, cfg, cached, _ = evaluate(opts)["rows"]
+    assert cfg["block_evaluations_per_video"] == 2 * 3 * DEPTH
+    assert cached["sampler"].startswith("cfg + block cache") and cached["nfe_per_video"] == 6
+    assert cached["block_evaluations_per_video"] == 2 * DEPTH
+    assert cached["psnr_vs_same_steps_cfg_db"] > 0
 
 
 def test_a_run_without_a_tae_has_no_autoencoder_features_and_bad_options_are_refused():

@@ -9,10 +9,13 @@ and writes one table per sampler configuration (markdown and JSON under
 - CFG at ``steps``, the baseline an accelerated sampler saves against;
 - the chosen sampler (``guidance=adaptive gamma=...``, ``guidance=linear_ag`` after
   ``trainer.linear_guidance`` calibrated it, or ``guidance=none``);
+- with ``cache=block|first_block|teacache cache_threshold=...``, the sampler (CFG or
+  none) reusing DiT blocks between steps (``models.block_cache``);
 - the held-out real clips themselves (the judges' ceiling).
 
 Columns: DiT evaluations per video (NFE; one forward of one sample counts 1) and the
-fraction saved against CFG's two per step, where adaptive guidance switched, wall time
+fraction saved against CFG's two per step, DiT block evaluations per video (a block run
+for one row of the batch counts 1), where adaptive guidance switched, wall time
 and peak memory per video (labelled with how memory was measured), the judges' match
 rates (colour, shape, direction, speed), PSNR/SSIM against the reference video of the
 same prompt and seed, PSNR against CFG at the sampler's own steps (what an accelerated
@@ -36,12 +39,14 @@ from omegaconf import MISSING
 
 from data.judges import ATTRIBUTES, match_rates
 from data.synthetic import SyntheticVideos
+from models.block_cache import CacheSettings
+from trainer.block_cache_calibration import cache_settings
 from trainer.config import ConfigError, SyntheticDataConfig
 from trainer.frechet import FeatureExtractor, feature_extractor, frechet_distance
 from trainer.linear_guidance import calibration_path, load_coefficients
 from trainer.peak_memory import PeakMemory
 from trainer.run_config import parse_cli_options
-from trainer.sampling import Guidance, generate_traced
+from trainer.sampling import Cache, Guidance, generate_traced
 from trainer.text_following import held_out_prompts
 from trainer.trained import TrainedRun, load_text_to_video
 from trainer.video_quality import SSIM_TAPS, psnr, ssim
@@ -63,6 +68,9 @@ class EvaluateConfig:
     batch: int = 8                    # prompts sampled together
     features: str = "auto"            # auto | random_projection | autoencoder | module:fn
     linear_ag_file: str | None = None  # guidance=linear_ag: default <run dir>/guidance/...
+    cache: Cache = Cache.none         # also evaluate the sampler reusing DiT blocks
+    cache_threshold: float = 0.1      # relative L1 change under which a block is reused
+    cache_file: str | None = None     # cache=block: default <run dir>/cache/block_steps...
     output_dir: str | None = None     # default: <run dir>/evaluation
     wandb: str | None = None          # offline | online | disabled; default: the run's mode
     ema: bool = True
@@ -91,17 +99,26 @@ class SamplerSpec:
     scale: float
     gamma: float = 0.99
     linear: torch.Tensor | None = field(default=None, compare=False)  # LinearAG's (S, 3)
+    cache: CacheSettings = field(default_factory=CacheSettings, compare=False)
+    # (steps + 1,) Euler times; None: the linear-quadratic schedule (a distilled student's own)
+    times: torch.Tensor | None = field(default=None, compare=False)
 
     @property
     def name(self) -> str:
         threshold = f" γ̄={self.gamma:g}" if self.guidance in SWITCHING else ""
-        return f"{self.guidance.value}{threshold}, {self.steps} steps, scale {self.scale:g}"
+        cache = (f" + {self.cache.mode} cache δ={self.cache.threshold:g}"
+                 if self.cache.mode != "none" else "")
+        times = ("" if self.times is None else
+                 f" at times [{', '.join(f'{t:.3g}' for t in self.times.tolist())}]")
+        return (f"{self.guidance.value}{threshold}{cache}, {self.steps} steps{times}, "
+                f"scale {self.scale:g}")
 
 
 @dataclass
 class SampledSet:
     videos: torch.Tensor        # (N, 3, T, H, W) in [-1, 1], on the CPU
     nfe: torch.Tensor           # (N,) long
+    block_evaluations: torch.Tensor  # (N,) long
     switch_step: torch.Tensor   # (N,) long, -1 where never switched
     cosine: torch.Tensor        # (S, N) fp64 cosine of cond and uncond velocity, NaN: not run
     seconds: float              # sampling wall time, all N videos
@@ -120,20 +137,22 @@ def sample_set(run: TrainedRun, spec: SamplerSpec, prompts: list[str], seed: int
                batch: int, memory: PeakMemory) -> SampledSet:
     """All ``prompts`` under one sampler, ``batch`` at a time, timed and measured."""
     task = run.task
-    videos, nfe, switch, cosine = [], [], [], []
+    videos, nfe, blocks, switch, cosine = [], [], [], [], []
     with memory.measure() as peak:
         start = time.perf_counter()
         for first in range(0, len(prompts), batch):
             chunk, trace = generate_traced(run.model, task.autoencoder,
                                            prompts[first: first + batch], task.latent_shape,
                                            spec.steps, spec.scale, seed + first,
-                                           spec.guidance, spec.gamma, spec.linear)
+                                           spec.guidance, spec.gamma, spec.linear,
+                                           times=spec.times, cache=spec.cache)
             videos.append(chunk.float().cpu())
             nfe.append(trace.nfe)
+            blocks.append(trace.block_evaluations)
             switch.append(trace.switch_step)
             cosine.append(trace.cosine)
         seconds = time.perf_counter() - start
-    return SampledSet(torch.cat(videos), torch.cat(nfe), torch.cat(switch),
+    return SampledSet(torch.cat(videos), torch.cat(nfe), torch.cat(blocks), torch.cat(switch),
                       torch.cat(cosine, dim=1), seconds, peak.mib)
 
 
@@ -150,6 +169,9 @@ def score(spec: SamplerSpec, sampled: SampledSet, prompts: list[str],
            "scale": spec.scale,
            "gamma": spec.gamma if spec.guidance in SWITCHING else None,
            "nfe_per_video": nfe, "nfe_saved_vs_cfg": 1 - nfe / (2 * spec.steps),
+           "cache": spec.cache.mode,
+           "cache_threshold": spec.cache.threshold if spec.cache.mode != "none" else None,
+           "block_evaluations_per_video": sampled.block_evaluations.double().mean().item(),
            "switched_fraction": switched.double().mean().item() if switching else None,
            "mean_switch_step": (sampled.switch_step[switched].double().mean().item()
                                 if switching and switched.any() else None),
@@ -185,17 +207,19 @@ def evaluate_samplers(run: TrainedRun, samplers: list[SamplerSpec], reference: S
     for spec in samplers:
         sampled = sample_set(run, spec, prompts, seed, batch, memory)
         key = (spec.steps, spec.scale)
-        if spec.guidance is Guidance.cfg:
+        plain_cfg = spec.guidance is Guidance.cfg and spec.cache.mode == "none"
+        if plain_cfg:
             cfg_videos[key] = sampled.videos
         rows.append(score(spec, sampled, prompts, reference_set.videos,
-                          None if spec.guidance is Guidance.cfg else cfg_videos.get(key),
-                          real_features, extractor))
+                          None if plain_cfg else cfg_videos.get(key), real_features,
+                          extractor))
     rows.append({"sampler": "held-out real clips", **match_rates(list(real), prompts)})
     return rows
 
 
 COLUMNS = (("sampler", "sampler", "{}"), ("nfe_per_video", "NFE/video", "{:.1f}"),
            ("nfe_saved_vs_cfg", "NFE saved vs CFG", "{:.1%}"),
+           ("block_evaluations_per_video", "blocks/video", "{:.1f}"),
            ("mean_switch_step", "switch step (mean)", "{:.1f}"),
            ("switched_fraction", "switched", "{:.0%}"),
            ("seconds_per_video", "s/video", "{:.3f}"),
@@ -218,6 +242,8 @@ def markdown_table(rows: list[dict]) -> str:
 
 def table_name(opts: EvaluateConfig) -> str:
     threshold = f"_gamma{opts.gamma:g}" if opts.guidance in SWITCHING else ""
+    if opts.cache is not Cache.none:
+        threshold += f"_{opts.cache.value}_cache{opts.cache_threshold:g}"
     return (f"{opts.guidance.value}{threshold}_steps{opts.steps}_scale{opts.scale:g}"
             f"_ref{opts.reference_steps}_prompts{opts.prompts}_seed{opts.seed}")
 
@@ -251,9 +277,14 @@ def evaluate(opts: EvaluateConfig) -> dict:
             path = opts.linear_ag_file or calibration_path(run.run_dir, opts.steps, opts.scale)
             linear = load_coefficients(Path(path), run.model, opts.steps, opts.scale)
         samplers.append(SamplerSpec(opts.guidance, opts.steps, opts.scale, opts.gamma, linear))
+    if opts.cache is not Cache.none:
+        cache = cache_settings(opts.cache, opts.cache_threshold, opts.guidance, run, opts.steps,
+                               opts.scale, opts.cache_file)
+        samplers.append(SamplerSpec(opts.guidance, opts.steps, opts.scale, opts.gamma,
+                                    cache=cache))
     table = sampler_table(run, samplers, opts.reference_steps, opts.scale, opts.prompts,
                           extractor, opts.seed, opts.batch, memory)
-    table["options"] = {k: (v.value if isinstance(v, Guidance) else v)
+    table["options"] = {k: (v.value if isinstance(v, Guidance | Cache) else v)
                         for k, v in asdict(opts).items()}
     rows = table["rows"]
     output_dir = Path(opts.output_dir) if opts.output_dir else run.run_dir / "evaluation"
@@ -290,7 +321,8 @@ def main(argv: list[str]) -> None:
     try:
         opts = parse_cli_options(EvaluateConfig, argv, "trainer.evaluate",
                                  "checkpoint=<run dir> [guidance=cfg|adaptive|linear_ag|none "
-                                 "gamma=0.99 steps=25 scale=5 prompts=48 seed=1234 ...]")
+                                 "gamma=0.99 cache=none|block|first_block|teacache "
+                                 "cache_threshold=0.1 steps=25 scale=5 prompts=48 ...]")
         table = evaluate(opts)
     except ConfigError as error:
         raise SystemExit(f"config error: {error}") from None

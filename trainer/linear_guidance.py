@@ -59,11 +59,13 @@ class CalibrateConfig:
 
 
 def model_hash(model: nn.Module) -> str:
-    """SHA-256 of every parameter's name, shape and bytes, in name order."""
+    """SHA-256 of every parameter's name, shape and bytes, in name order; a model sharded
+    on a mesh hashes as the whole one (every rank must call this: shards are gathered)."""
     digest = hashlib.sha256()
     for name, parameter in sorted(model.named_parameters()):
         digest.update(f"{name}{tuple(parameter.shape)}{parameter.dtype}".encode())
-        digest.update(parameter.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+        whole = parameter.full_tensor() if hasattr(parameter, "full_tensor") else parameter
+        digest.update(whole.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -74,7 +76,7 @@ def calibration_path(run_dir: Path, steps: int, scale: float) -> Path:
 def calibration_prompts(run: TrainedRun, count: int) -> list[str]:
     data = run.cfg.data
     if not isinstance(data, SyntheticDataConfig):
-        raise ConfigError(f"LinearAG calibration draws its prompts from the synthetic set's "
+        raise ConfigError(f"calibration draws its prompts from the synthetic set's "
                           f"training split; this run trained on {type(data).__name__}")
     train = SyntheticVideos(count, data.frames, data.height, data.width, data.fps, data.seed)
     return [train.spec(i).caption for i in range(count)]
@@ -104,37 +106,56 @@ def calibrate(run: TrainedRun, steps: int, scale: float, prompts: list[str], see
             "relative_error": [None if e != e else e for e in error.tolist()]}
 
 
-def load_coefficients(path: Path, model: nn.Module, steps: int, scale: float) -> torch.Tensor:
-    """The (steps, 3) LinearAG rows of a calibration file for this model, steps and
-    scale (NaN rows: steps run for real); anything else is refused, naming the file."""
+def read_calibration(path: Path, model: nn.Module, kind: str, fitted_for: dict,
+                     needed_by: str, redo: str) -> dict:
+    """The JSON record of a calibration file of format ``kind`` made for ``model``'s
+    weights and the settings ``fitted_for`` (e.g. steps and scale); a missing, corrupt,
+    mismatched or stale (other weights) file is refused, naming it. ``needed_by`` is the
+    option that asked for it, ``redo`` how to make the file again."""
     path = Path(path)
-    redo = (f"calibrate it: python -m trainer.linear_guidance checkpoint=<run dir> "
-            f"steps={steps} scale={scale:g}")
     if not path.is_file():
-        raise ConfigError(f"guidance=linear_ag needs the calibration file {path}, which is "
+        raise ConfigError(f"{needed_by} needs the calibration file {path}, which is "
                           f"missing; {redo}")
     try:
         record = json.loads(path.read_text())
-        rows = [[float("nan")] * 3 if row is None else [float(v) for v in row]
-                for row in record["coefficients"]]
-        fitted = (record["format"], record["steps"], record["scale"], record["model_hash"])
-        coefficients = torch.tensor(rows, dtype=torch.float64)
+        fitted = (record["format"], {key: record[key] for key in fitted_for},
+                  str(record["model_hash"]))
+    except (ValueError, KeyError, TypeError) as error:
+        raise ConfigError(f"calibration file {path} is corrupt ({error!r}); delete it and "
+                          f"{redo}") from error
+    if fitted[0] != kind:
+        raise ConfigError(f"calibration file {path} is corrupt: format {fitted[0]!r}, not "
+                          f"{kind!r}; delete it and {redo}")
+    if fitted[1] != fitted_for:
+        raise ConfigError(f"calibration file {path} was fitted for "
+                          f"{' '.join(f'{k}={v:g}' for k, v in fitted[1].items())}, not "
+                          f"{' '.join(f'{k}={v:g}' for k, v in fitted_for.items())}; {redo}")
+    current = model_hash(model)
+    if fitted[2] != current:
+        raise ConfigError(f"calibration file {path} is stale: fitted on weights "
+                          f"{fitted[2][:12]}, these are {current[:12]} (another checkpoint "
+                          f"or ema setting); {redo}")
+    return record
+
+
+def load_coefficients(path: Path, model: nn.Module, steps: int, scale: float) -> torch.Tensor:
+    """The (steps, 3) LinearAG rows of a calibration file for this model, steps and
+    scale (NaN rows: steps run for real); anything else is refused, naming the file."""
+    redo = (f"calibrate it: python -m trainer.linear_guidance checkpoint=<run dir> "
+            f"steps={steps} scale={scale:g}")
+    record = read_calibration(path, model, FORMAT, {"steps": steps, "scale": scale},
+                              "guidance=linear_ag", redo)
+    try:
+        coefficients = torch.tensor(
+            [[float("nan")] * 3 if row is None else [float(v) for v in row]
+             for row in record["coefficients"]], dtype=torch.float64)
     except (ValueError, KeyError, TypeError) as error:
         raise ConfigError(f"LinearAG calibration file {path} is corrupt ({error!r}); delete "
                           f"it and {redo}") from error
-    if fitted[0] != FORMAT or coefficients.shape != (fitted[1], 3):
-        raise ConfigError(f"LinearAG calibration file {path} is corrupt (format "
-                          f"{fitted[0]!r}, coefficients {tuple(coefficients.shape)} for "
-                          f"{fitted[1]} steps); delete it and {redo}")
-    if (fitted[1], fitted[2]) != (steps, scale):
-        raise ConfigError(f"LinearAG calibration file {path} was fitted for steps="
-                          f"{fitted[1]} scale={fitted[2]:g}, not steps={steps} "
-                          f"scale={scale:g}; {redo}")
-    current = model_hash(model)
-    if fitted[3] != current:
-        raise ConfigError(f"LinearAG calibration file {path} is stale: fitted on weights "
-                          f"{fitted[3][:12]}, these are {current[:12]} (another checkpoint "
-                          f"or ema setting); {redo}")
+    if coefficients.shape != (steps, 3):
+        raise ConfigError(f"LinearAG calibration file {path} is corrupt (coefficients "
+                          f"{tuple(coefficients.shape)} for {steps} steps); delete it and "
+                          f"{redo}")
     return coefficients
 
 

@@ -1,7 +1,8 @@
 """The task a run trains, chosen by ``task``: what the model is, its loss, validation and
 what it shows. The loop in ``trainer.train`` is the same for all of them. A text-to-video
 run on preference pairs (``recipe=preference``, ``data=preference*``) is the preference
-task: the same model, a different loss."""
+task: the same model, a different loss; ``task=distill`` (``recipe=distill``) trains a
+few-step student of a trained teacher."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from torch import nn
 from data.preference_shards import is_preference
 from parallel.mesh import ParallelContext
 from trainer.config import Task, TrainConfig
+from trainer.distill_config import DistillRecipeConfig
+from trainer.distill_task import DistillTask
 from trainer.draws import StepDraws
 from trainer.metrics import Monitor
 from trainer.preference_config import PreferenceRecipeConfig
@@ -49,6 +52,8 @@ class TrainingTask(Protocol):
 def build_task(cfg: TrainConfig, ctx: ParallelContext) -> TrainingTask:
     if cfg.task is Task.tae:
         return AutoencoderTask(cfg, ctx)
+    if cfg.task is Task.distill or isinstance(cfg.recipe, DistillRecipeConfig):
+        return DistillTask(cfg, ctx)  # it refuses one without the other
     if isinstance(cfg.recipe, PreferenceRecipeConfig) or is_preference(cfg.data):
         return PreferenceTask(cfg, ctx)  # it refuses one without the other
     return TextToVideoTask(cfg, ctx)

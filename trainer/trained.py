@@ -1,18 +1,27 @@
 """Load a trained run's weights into one process, whatever mesh or engine trained it, or
 from a safetensors file that carries its run's config (``trainer.export``,
-``trainer.average``)."""
+``trainer.average``); or onto a sampling mesh, each rank reading only its shards
+(``load_sharded_run``)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from parallel.checkpoint import Checkpointer, load_deepspeed_weights, load_training_state
-from parallel.weights import SafetensorsWeights, load_weights, plan_load
-from trainer.build import single_process
+from parallel.checkpoint import Checkpointer, load_checkpoint_weights
+from parallel.mesh import ParallelContext
+from parallel.weights import (
+    SafetensorsWeights,
+    load_local_shards,
+    load_weights,
+    open_weights,
+    plan_load,
+)
+from trainer.build import build_meta_model, single_process
 from trainer.config import TrainConfig
 from trainer.early_stop import BEST_FILE, best_checkpoint
 from trainer.ema import EMA
@@ -80,10 +89,7 @@ def load_run(checkpoint: Path, device: torch.device, ema: bool = True,
     model = task.build_model()
     averaged = EMA({n: p for n, p in model.named_parameters() if p.requires_grad},
                    cfg.recipe.ema_decay)
-    if (step_dir / "deepspeed").is_dir():
-        state = load_deepspeed_weights(step_dir, model, averaged.state_dict())
-    else:
-        state = load_training_state(step_dir, model, None, averaged.state_dict())
+    state = load_checkpoint_weights(step_dir, model, averaged.state_dict())
     if ema:
         averaged.swap()
     return TrainedRun(cfg, run_dir, state["step"], task, model.eval(), metadata)
@@ -96,13 +102,17 @@ def _with_shape(cfg: TrainConfig, frames, height, width) -> TrainConfig:
     return cfg
 
 
+def _check_file_config(source: SafetensorsWeights) -> None:
+    if CONFIG_KEY not in source.metadata or OVERRIDES_KEY not in source.metadata:
+        raise ValueError(f"checkpoint={source.path} carries no run config in its metadata "
+                         f"(written by an older trainer.export?); pass the run directory, "
+                         f"or export it again")
+
+
 def _load_file(path: Path, device: torch.device, frames, height, width) -> TrainedRun:
     """A safetensors file's weights into the model its metadata's config describes."""
     source = SafetensorsWeights(path)
-    if CONFIG_KEY not in source.metadata or OVERRIDES_KEY not in source.metadata:
-        raise ValueError(f"checkpoint={path} carries no run config in its metadata (written "
-                         f"by an older trainer.export?); pass the run directory, or export "
-                         f"it again")
+    _check_file_config(source)
     cfg = _with_shape(config_from_metadata(source.metadata), frames, height, width)
     task = build_task(cfg, single_process(device))
     model = task.build_model()
@@ -115,10 +125,51 @@ def _load_file(path: Path, device: torch.device, frames, height, width) -> Train
                       model.eval(), source.metadata)
 
 
+# Shards the meta model of a run's config for this rank's place in the mesh; it may
+# refuse the config (a head count the mesh cannot split).
+Parallelize = Callable[[TrainConfig, nn.Module], None]
+
+
+def load_sharded_run(checkpoint: Path, ctx: ParallelContext, parallelize: Parallelize,
+                     ema: bool = True, frames: int | None = None, height: int | None = None,
+                     width: int | None = None) -> TrainedRun:
+    """``load_run`` on a mesh: the run's model is built on meta, sharded by
+    ``parallelize``, allocated, and each rank reads only its own shards, from a DCP
+    checkpoint of any mesh (EMA weights by default) or a safetensors file. DeepSpeed's
+    layout is refused with the way round it (export it to a safetensors file)."""
+    path = Path(checkpoint)
+    if path.is_file():
+        source = SafetensorsWeights(path)
+        _check_file_config(source)
+        run_dir, metadata = path.parent, source.metadata
+        step = int(metadata.get("step", 0))
+    else:
+        run_dir, step_dir = locate_checkpoint(path)
+        source = open_weights(step_dir, ema)
+        metadata, step = checkpoint_metadata(run_dir, step_dir), int(step_dir.name[5:])
+    cfg = _with_shape(config_from_metadata(metadata), frames, height, width)
+    task = build_task(cfg, ctx)
+    model = build_meta_model(cfg)
+    parallelize(cfg, model)
+    model.to_empty(device=ctx.device)
+    plan = plan_load(model, source.specs, grow=False)
+    if problems := plan.problems(str(path)):
+        raise ValueError(f"checkpoint={path} does not fit the model of its run's config: "
+                         f"{'; '.join(problems)}")
+    load_local_shards(model, source, plan)
+    return TrainedRun(cfg, run_dir, step, task, model.eval(), metadata)
+
+
 def load_text_to_video(checkpoint: Path, device: torch.device, ema: bool = True,
+                       ctx: ParallelContext | None = None,
+                       parallelize: Parallelize | None = None,
                        **shape: int | None) -> TrainedRun:
-    """``load_run`` for sampling: the run must have trained a text-to-video model."""
-    run = load_run(checkpoint, device, ema, **shape)
+    """``load_run`` for sampling (``load_sharded_run`` when ``ctx`` is a mesh, on its
+    device): the run must have trained a text-to-video model."""
+    if ctx is not None and ctx.distributed:
+        run = load_sharded_run(checkpoint, ctx, parallelize, ema, **shape)
+    else:
+        run = load_run(checkpoint, device, ema, **shape)
     if not isinstance(run.task, TextToVideoTask):
         raise ValueError(f"checkpoint={checkpoint} is a task={run.cfg.task.value} run; "
                          f"sampling needs a text-to-video (task=t2v) run")
