@@ -18,6 +18,7 @@ def dit_parameter_count(cfg: DiTConfig) -> int:
             + (cfg.max_patches_t + cfg.max_patches_h + cfg.max_patches_w) * d
             + cfg.time_freq_dim * d + d * d                    # time MLP
             + 6 * d * d                                        # shared adaLN projection
+            + (2 * d * d if cfg.text_modulation else 0)        # pooled-text MLP
             + cfg.depth * block
             + 2 * d + d * patch_values)                        # final layer
 
@@ -35,6 +36,7 @@ def dit_forward_flops(cfg: DiTConfig, video_tokens: int, context_tokens: int,
              + 6 * n * d * f)     # SwiGLU
     per_sample = (2 * n * patch_values * d
                   + 2 * (cfg.time_freq_dim * d + d * d + 6 * d * d)
+                  + (4 * d * d if cfg.text_modulation else 0)
                   + cfg.depth * block
                   + 2 * n * d * patch_values)
     return batch * per_sample

@@ -25,6 +25,7 @@ from models.init import init_parameters
 from models.rope import RotaryEmbedding3D
 
 POSITION_INITS = ("sincos", "normal")
+PREDICTIONS = ("velocity", "data")
 
 
 @dataclass
@@ -54,6 +55,19 @@ class DiTConfig:
     # attention scores depend on relative position; the tables stay.
     rope: bool = False
     rope_theta: float = 10000.0
+    # Also add an MLP of the masked mean of the text context to the time vector that drives
+    # adaLN (Stable Diffusion 3's pooled-text path, arXiv 2403.03206), so every token's
+    # norm shift/scale/gates depend on the whole caption, not only on what cross-attention
+    # picks out for it.
+    text_modulation: bool = False
+    # What the last layer predicts: "velocity" (v = x1 - x0 directly) or "data" (the clean
+    # sample x1, turned into v = (x1 - x_t) / (1 - t) inside forward, so callers always get
+    # a velocity; JiT, arXiv 2511.13720). At high noise a velocity network must copy the
+    # input noise to its output, which buries the weak, consistent gradient of where the
+    # object should be under per-sample noise; a data network only predicts the clip.
+    prediction: str = "velocity"
+    # 1 - t is clamped to at least this in that division (t = 1 is the data end).
+    data_prediction_min_gap: float = 0.05
 
     def __post_init__(self) -> None:
         for name in ("width", "depth", "heads", "ffn_dim", "in_channels", "patch_t", "patch_h",
@@ -71,6 +85,11 @@ class DiTConfig:
         if self.rope and ((self.width // self.heads) % 2 or self.width // self.heads < 6):
             raise ValueError(f"model.rope=true needs an even head dimension >= 6, but "
                              f"model.width / model.heads = {self.width // self.heads}")
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"model.prediction={self.prediction!r} is not one of {PREDICTIONS}")
+        if not 0 < self.data_prediction_min_gap <= 1:
+            raise ValueError(f"model.data_prediction_min_gap={self.data_prediction_min_gap} "
+                             f"must lie in (0, 1]")
         if self.position_init not in POSITION_INITS:
             raise ValueError(f"model.position_init={self.position_init!r} is not one of "
                              f"{POSITION_INITS}")
@@ -169,6 +188,24 @@ class PositionEmbedding(nn.Module):
         return pos.flatten(0, 2)
 
 
+class PooledTextEmbedding(nn.Module):
+    """Masked mean of the context, through an MLP: (B, Lc, D), (B, Lc) -> (B, D).
+    A caption with no valid token (all masked) pools to zeros."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.fc1 = nn.Linear(width, width, bias=False)
+        self.fc2 = nn.Linear(width, width, bias=False)
+
+    def forward(self, context: torch.Tensor, context_mask: torch.Tensor | None) -> torch.Tensor:
+        if context_mask is None:
+            pooled = context.mean(1)
+        else:
+            weights = context_mask.to(context.dtype)[..., None]
+            pooled = (context * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        return self.fc2(nn.functional.silu(self.fc1(pooled)))
+
+
 class DiTBlock(nn.Module):
     """One transformer block. x (B, L, D), modulation (B, 6, D) -> (B, L, D)."""
 
@@ -226,6 +263,7 @@ class DiT(nn.Module):
         self.pos_embed = PositionEmbedding(cfg)
         self.rope = RotaryEmbedding3D(d // cfg.heads, cfg.rope_theta) if cfg.rope else None
         self.time_embed = TimeEmbedding(cfg.time_freq_dim, d)
+        self.text_embed = PooledTextEmbedding(d) if cfg.text_modulation else None
         self.time_modulation = nn.Linear(d, 6 * d, bias=False)
         self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
         self.final = FinalLayer(cfg)
@@ -262,7 +300,13 @@ class DiT(nn.Module):
         pos = self.pos_embed(grid)
         rope = None if self.rope is None else self.rope(grid)
         c = self.time_embed(t)
+        if self.text_embed is not None:
+            c = c + self.text_embed(context, context_mask)
         modulation = self.time_modulation(nn.functional.silu(c)).unflatten(1, (6, -1))
         for block in self.blocks:
             h = block(h + pos, modulation, context, context_mask, rope)
-        return self.unpatchify(self.final(h, c), grid)
+        out = self.unpatchify(self.final(h, c), grid)
+        if self.cfg.prediction == "data":
+            gap = (1 - t.to(out.dtype)).clamp(min=self.cfg.data_prediction_min_gap)
+            out = (out - x) / gap.view(-1, *(1,) * (x.dim() - 1))
+        return out

@@ -94,6 +94,9 @@ def apply_tensor_parallel(dit: DiT, tp_mesh: DeviceMesh) -> None:
                                          use_local_output=False),
         "time_embed.fc1": PrepareModuleInput(input_layouts=(Replicate(),),
                                              desired_input_layouts=(Replicate(),)),
+        **({} if dit.text_embed is None else {
+            "text_embed.fc1": PrepareModuleInput(input_layouts=(Replicate(),),
+                                                 desired_input_layouts=(Replicate(),))}),
         "final": PrepareModuleOutput(output_layouts=(Shard(1),),
                                      desired_output_layouts=(Replicate(),),
                                      use_local_output=True),

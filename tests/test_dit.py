@@ -82,6 +82,47 @@ def test_text_changes_output_and_padding_mask_is_honoured():
     torch.testing.assert_close(model(x, t, padded_ctx, padded_mask), out)
 
 
+def test_text_modulation_reaches_every_token_through_adaln():
+    """With cross-attention silenced, the caption still changes the output through the
+    pooled-text path (and only with model.text_modulation=true); a fully masked caption
+    pools to zeros."""
+    cfg = dataclasses.replace(TINY, text_modulation=True)
+    for config, depends in ((cfg, True), (TINY, False)):
+        model = built(config)
+        with torch.no_grad():
+            for block in model.blocks:
+                block.cross_attn.wo.weight.zero_()
+        x, t, ctx, mask = inputs(1, 2, 4, 4, config)
+        changed = not torch.allclose(model(x, t, ctx, mask), model(x, t, ctx + 1, mask))
+        assert changed == depends
+    model = built(cfg)
+    none = torch.zeros_like(mask)
+    pooled = model.text_embed(ctx, none)
+    torch.testing.assert_close(pooled, model.text_embed(torch.zeros_like(ctx), none))
+
+
+@pytest.mark.parametrize("text_modulation", [False, True])
+def test_parameter_count_formula_covers_text_modulation(text_modulation):
+    cfg = dataclasses.replace(TINY, text_modulation=text_modulation)
+    assert sum(p.numel() for p in DiT(cfg).parameters()) == dit_parameter_count(cfg)
+
+
+def test_data_prediction_returns_the_velocity_of_the_predicted_clip():
+    """prediction=data: the network's output is the clean clip x1, and forward returns the
+    velocity toward it, (x1 - x_t) / max(1 - t, gap), for every caller (loss, samplers)."""
+    cfg = dataclasses.replace(TINY, prediction="data", data_prediction_min_gap=0.1)
+    model = built(cfg)
+    x, _, ctx, mask = inputs(3, 2, 4, 4, cfg)
+    t = torch.tensor([0.0, 0.5, 1.0])
+    as_velocity = DiT(dataclasses.replace(cfg, prediction="velocity"))
+    as_velocity.load_state_dict(model.state_dict())
+    clip = as_velocity(x, t, ctx, mask)
+    expected = (clip - x) / torch.tensor([1.0, 0.5, 0.1]).view(-1, 1, 1, 1, 1)
+    torch.testing.assert_close(model(x, t, ctx, mask), expected)
+    with pytest.raises(ValueError, match="model.prediction='noise' is not one of"):
+        DiTConfig(prediction="noise")
+
+
 def test_no_biases_anywhere():
     for module in built().modules():
         if isinstance(module, torch.nn.Linear):
@@ -122,13 +163,15 @@ def test_dit_30b_has_about_30b_parameters():
     assert 28e9 < dit_parameter_count(cfg) < 31e9
 
 
-def test_forward_flops_formula_matches_flop_counter():
-    model = built()
-    x, t, ctx, mask = inputs(2, 3, 4, 6, context_len=7)
+@pytest.mark.parametrize("text_modulation", [False, True])
+def test_forward_flops_formula_matches_flop_counter(text_modulation):
+    cfg = dataclasses.replace(TINY, text_modulation=text_modulation)
+    model = built(cfg)
+    x, t, ctx, mask = inputs(2, 3, 4, 6, cfg, context_len=7)
     # the math backend runs attention as counted matmuls (the fused CPU kernel is uncounted)
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         model(x, t, ctx, mask)
-    assert counter.get_total_flops() == dit_forward_flops(TINY, 3 * 2 * 3, 7, batch=2)
+    assert counter.get_total_flops() == dit_forward_flops(cfg, 3 * 2 * 3, 7, batch=2)
 
 
 def test_zero_init_parts_receive_gradient_at_init():

@@ -70,8 +70,16 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.fixture(scope="module")
-def reference():
-    return run_steps([])
+def references():
+    """One process's results per model variant (a case's ``model.*`` overrides), run once."""
+    cache: dict[tuple[str, ...], dict] = {}
+
+    def of(overrides: list[str]) -> dict:
+        model = tuple(o for o in overrides if o.startswith("model."))
+        if model not in cache:
+            cache[model] = run_steps(list(model))
+        return cache[model]
+    return of
 
 
 CASES = {
@@ -92,13 +100,17 @@ CASES = {
                                "parallel.activation_checkpointing=full"],
     "tp2_compiled_every_k": ["parallel.tp=2", "parallel.compile=true",
                              "parallel.activation_checkpointing=every_k"],
+    # model options that add parameters get their own one-process reference
+    "fsdp2_tp2_text_modulation": ["parallel.dp_shard=2", "parallel.tp=2",
+                                  "model.text_modulation=true"],
 }
 WORLD = {"replicate2": 2, "tp2": 2, "cp2_allgather_kv": 2, "cp2_ulysses": 2, "cp2_ring": 2,
          "fsdp2": 2, "tp2_compiled_every_k": 2}
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_mesh_matches_one_process(case, reference):
+def test_mesh_matches_one_process(case, references):
+    reference = references(CASES[case])
     world = WORLD.get(case, 4)
     results = run_distributed(run_steps, world, CASES[case])
     for rank, result in enumerate(results):
@@ -114,9 +126,10 @@ def test_mesh_matches_one_process(case, reference):
                 assert error <= 1e-5, f"{where} {kind} {name}: relative error {error:.2e}"
 
 
-def test_fsdp2_bf16_params_with_fp32_reduction_stay_close(reference):
+def test_fsdp2_bf16_params_with_fp32_reduction_stay_close(references):
     """Mixed precision is a switch: bf16 compute, fp32 gradient reduction and master
     weights; the losses stay within bf16 rounding of the fp32 run."""
+    reference = references([])
     results = run_distributed(run_steps, 2, ["parallel.dp_shard=2", "parallel.param_dtype=bf16"])
     for result in results:
         for loss, expected in zip(result["losses"], reference["losses"], strict=True):
