@@ -18,15 +18,20 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
-from omegaconf import MISSING
 from torch import nn
 
 from models.block_cache import CacheSettings, ChangeCurves
 from models.sampler import GuidedVelocity, euler_sample, linear_quadratic_schedule
 from trainer.config import ConfigError
-from trainer.linear_guidance import calibration_prompts, model_hash, read_calibration
+from trainer.linear_guidance import (
+    CalibrationRun,
+    calibration_prompts,
+    model_hash,
+    read_calibration,
+)
 from trainer.run_config import parse_cli_options
 from trainer.sampling import Cache, Guidance
 from trainer.trained import TrainedRun, load_text_to_video
@@ -35,23 +40,11 @@ FORMAT = "cinetron-block-cache/1"
 
 
 @dataclass
-class BlockCalibrationConfig:
-    checkpoint: str = MISSING
-    steps: int = 25
-    scale: float = 5.0
-    prompts: int = 16     # calibration trajectories
-    seed: int = 0
-    batch: int = 8
-    output: str | None = None   # default: <run dir>/cache/block_steps<S>_scale<g>.json
-    ema: bool = True
-    device: str = "cpu"
+class BlockCalibrationConfig(CalibrationRun):
+    prompts: int = 16
 
-    def __post_init__(self) -> None:
-        if self.steps < 2:
-            raise ConfigError(f"steps={self.steps} must be >= 2 (the linear-quadratic "
-                              f"schedule needs two steps)")
-        if self.prompts < 1 or self.batch < 1:
-            raise ConfigError(f"prompts={self.prompts} and batch={self.batch} must be >= 1")
+    MIN_STEPS: ClassVar[int] = 2
+    WHY_MIN_STEPS: ClassVar[str] = "the linear-quadratic schedule needs two steps"
 
 
 def block_calibration_path(run_dir: Path, steps: int, scale: float) -> Path:

@@ -18,6 +18,7 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from omegaconf import MISSING
@@ -39,21 +40,27 @@ FORMAT = "cinetron-linear-ag/1"
 
 
 @dataclass
-class CalibrateConfig:
+class CalibrationRun:
+    """What a sampler calibration CLI asks for: the run, the sampler it is calibrated for
+    (steps, guidance scale) and the calibration trajectories."""
+
     checkpoint: str = MISSING
     steps: int = 25
     scale: float = 5.0
     prompts: int = 32     # calibration trajectories
     seed: int = 0
     batch: int = 8
-    output: str | None = None   # default: <run dir>/guidance/linear_ag_steps<S>_scale<g>.json
+    output: str | None = None   # default: a file of the method's own beside the run
     ema: bool = True
     device: str = "cpu"
 
+    MIN_STEPS: ClassVar[int] = 3
+    WHY_MIN_STEPS: ClassVar[str] = "LinearAG predicts every other step after the first"
+
     def __post_init__(self) -> None:
-        if self.steps < 3:
-            raise ConfigError(f"steps={self.steps} must be >= 3 (LinearAG predicts every "
-                              f"other step after the first)")
+        if self.steps < self.MIN_STEPS:
+            raise ConfigError(f"steps={self.steps} must be >= {self.MIN_STEPS} "
+                              f"({self.WHY_MIN_STEPS})")
         if self.prompts < 1 or self.batch < 1:
             raise ConfigError(f"prompts={self.prompts} and batch={self.batch} must be >= 1")
 
@@ -161,7 +168,7 @@ def load_coefficients(path: Path, model: nn.Module, steps: int, scale: float) ->
 
 def main(argv: list[str]) -> None:
     try:
-        opts = parse_cli_options(CalibrateConfig, argv, "trainer.linear_guidance",
+        opts = parse_cli_options(CalibrationRun, argv, "trainer.linear_guidance",
                                  "checkpoint=<run dir> [steps=25 scale=5 prompts=32 ...]")
         run = load_text_to_video(Path(opts.checkpoint), torch.device(opts.device), opts.ema)
         record = calibrate(run, opts.steps, opts.scale, calibration_prompts(run, opts.prompts),

@@ -21,9 +21,9 @@ from models.dit import patch_grid
 from parallel.cfg_parallel import BatchSplit
 from parallel.mesh import MeshDims, ParallelContext, init_parallel, read_launch_env
 from parallel.parallelize import apply_model_parallel
-from parallel.tensor_parallel import check_heads
 from trainer.build import single_process
 from trainer.config import ConfigError, CPMode, TrainConfig
+from trainer.start_checks import check_heads_fit
 from trainer.trained import Parallelize
 
 
@@ -55,15 +55,8 @@ def sampling_dims(par: SampleParallelConfig, world_size: int) -> MeshDims:
 
 
 def check_model_fits(heads: int, par: SampleParallelConfig) -> None:
-    """Tensor parallelism splits whole heads; Ulysses splits the rank's heads over cp."""
-    try:
-        check_heads(heads, par.tp)
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
-    if par.cp_mode is CPMode.ulysses and par.cp > 1 and heads % (par.tp * par.cp):
-        raise ConfigError(f"parallel.cp_mode=ulysses needs model.heads={heads} divisible by "
-                          f"parallel.tp × parallel.cp = {par.tp} × {par.cp}; change cp/tp "
-                          f"or use parallel.cp_mode=allgather_kv or ring")
+    """The training mesh's rule on heads, for the sampling mesh."""
+    check_heads_fit(heads, par.tp, par.cp, par.cp_mode)
 
 
 def start_sampling_mesh(par: SampleParallelConfig, device: str) -> ParallelContext:

@@ -112,6 +112,18 @@ def check_written_videos(cfg: TrainConfig) -> None:
                               f"least {SSIM_TAPS}x{SSIM_TAPS}; use larger sizes")
 
 
+def check_heads_fit(heads: int, tp: int, cp: int, cp_mode: CPMode) -> None:
+    """Tensor parallelism splits whole heads; Ulysses splits each rank's heads over cp."""
+    try:
+        check_heads(heads, tp)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    if cp_mode is CPMode.ulysses and cp > 1 and heads % (tp * cp):
+        raise ConfigError(f"parallel.cp_mode=ulysses needs model.heads={heads} divisible by "
+                          f"parallel.tp × parallel.cp = {tp} × {cp}; change cp/tp "
+                          f"or use parallel.cp_mode=allgather_kv or ring")
+
+
 def check_parallel_fits(cfg: TrainConfig, world_size: int) -> MeshDims:
     """Mesh sizes against the process count, the heads and the batch; the resolved dims."""
     par = cfg.parallel
@@ -119,15 +131,7 @@ def check_parallel_fits(cfg: TrainConfig, world_size: int) -> MeshDims:
         dims = MeshDims(par.dp_replicate, par.dp_shard, par.cp, par.tp).resolved(world_size)
     except ValueError as error:
         raise ConfigError(str(error)) from None
-    heads = cfg.model.heads
-    try:
-        check_heads(heads, dims.tp)
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
-    if par.cp_mode is CPMode.ulysses and dims.cp > 1 and heads % (dims.tp * dims.cp):
-        raise ConfigError(f"parallel.cp_mode=ulysses needs model.heads={heads} divisible by "
-                          f"parallel.tp × parallel.cp = {dims.tp} × {dims.cp}; change cp/tp "
-                          f"or use parallel.cp_mode=allgather_kv or ring")
+    check_heads_fit(cfg.model.heads, dims.tp, dims.cp, par.cp_mode)
     if cfg.recipe.batch_size % dims.dp:
         raise ConfigError(f"recipe.batch_size={cfg.recipe.batch_size} (the global batch) is "
                           f"not divisible by the {dims.dp} data-parallel replicas "
