@@ -35,6 +35,7 @@ from omegaconf.errors import OmegaConfBaseException
 from data.curation.job import read_json, write_json
 from data.shards import expand_shards, write_shard
 from data.sources import open_source
+from data.tars import streamed_tar
 
 USAGE = ("python -m data.select input='curated/{000000..000099}.tar' output=sft/ top=2000 "
          "val=100 score.sharpness=1 score.motion=1")
@@ -81,13 +82,12 @@ def parse_options(argv: list[str]) -> SelectConfig:
 
 
 def tar_members(url: str, wanted_ext: str | None = None):
-    """(key, ext, bytes) of a shard's file members (only ``wanted_ext`` ones if given): a
-    local tar is read by seeking past the rest, a URL or ``pipe:`` streamed. An unreadable
-    shard stops the command naming it."""
+    """(key, ext, bytes) of a shard's file members (only ``wanted_ext`` ones if given), read
+    as a stream. An unreadable or cut-short shard stops the command naming it."""
     local = "://" not in url and not url.startswith("pipe:")
     try:
-        with (tarfile.open(url) if local else
-              tarfile.open(fileobj=open_source(url), mode="r|*")) as tar:
+        with (open(url, "rb") if local else open_source(url)) as stream, \
+                streamed_tar(stream) as tar:
             for member in tar:
                 key, _, ext = Path(member.name).name.partition(".")
                 ext = ext.lower()

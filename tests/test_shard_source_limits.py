@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import math
+import tarfile
 import time
 
 import pytest
@@ -85,3 +86,21 @@ def test_sampling_weights_are_bounded(tmp_path, video, caplog):
     # unweighted readers (validation, precompute) use a sample once, but still skip bad ones
     once = loader(str(tmp_path / "w.tar"), weighted=False)
     assert sorted(keys_of(once)) == ["huge", "three"] and once.skipped == {"bad_weight": 5}
+
+
+def test_a_shard_cut_between_two_samples_is_a_bad_shard_not_a_shorter_one(tmp_path, video,
+                                                                          caplog):
+    """Python's tarfile ends a stream quietly where a header is missing: a shard whose copy
+    stopped exactly at a sample boundary would read as complete, its later samples lost
+    uncounted. The end-of-archive block decides; gzip streams are checked by gzip."""
+    head = shard_of(tmp_path / "head.tar", video, ["h0", "h1", "h2"])
+    with tarfile.open(head) as tar:
+        boundary = next(info.offset for info in tar if info.name.startswith("h2."))
+    cut = f"pipe:head -c {boundary} {head}"
+    with caplog.at_level(logging.WARNING, logger="data.shards"):
+        batches = loader([cut])
+        # h1 is withheld too: the cut may have taken more of its members
+        assert keys_of(batches) == ["h0"] and batches.skipped == {"bad_shard": 1}
+    assert "without the end-of-archive block (cut short)" in caplog.text
+    whole = loader([f"pipe:cat {head}", f"pipe:gzip -c {head}"])
+    assert sorted(keys_of(whole)) == ["h0", "h0", "h1", "h1", "h2", "h2"] and not whole.skipped
