@@ -1,7 +1,8 @@
 """Chaos through the real torchrun CLI (see tests/chaos.py): a 4-process run SIGKILLed on
-rank 0 while it saves a checkpoint, then on another rank mid-step, restarted with the same
-command each time, loses no checkpoint and ends bit for bit where an uninterrupted run
-does. More kills at random points, with a seed of your choice: ``make chaos``."""
+rank 0 while it saves a checkpoint, restarted with the same command, loses no checkpoint,
+its surviving ranks exit by themselves, and it ends bit for bit where an uninterrupted run
+does. Kills mid-step and at start-up too, several per run, with a seed of your choice:
+``make chaos`` (each launch of 4 processes costs ~25 s of CPU, too much for the suite)."""
 
 import pytest
 
@@ -11,5 +12,5 @@ pytestmark = pytest.mark.slow
 
 
 def test_sigkilled_ranks_lose_no_checkpoint_and_the_restarted_run_is_bitwise(tmp_path):
-    # seed 23 draws rank 0 (the publisher) for the mid-checkpoint kill and rank 3 after
-    chaos(tmp_path, ["checkpoint", "step"], seed=23, steps=8)
+    # seed 23 draws rank 0 (the publisher) for the mid-checkpoint kill
+    chaos(tmp_path, ["checkpoint"], seed=23, steps=8)

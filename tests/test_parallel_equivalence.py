@@ -3,9 +3,9 @@
 Each case runs the real training step (``trainer.train.train_step``: loss, backward,
 mesh-aware clipping, AdamW, EMA, LR warmup) in gloo processes on CPU and compares with
 the same code in one process: the forward output, the loss of every step, every
-parameter's full gradient after the first step and every full weight after three steps,
-relative error <= 1e-5 in fp32. The patch grid has 9 tokens, so cp=2 needs padding and
-tp's sequence shards are uneven.
+parameter's full gradient after the first step (relative error <= 1e-5 in fp32) and every
+full weight after three steps (<= 3e-5, see WEIGHT_TOLERANCE). The patch grid has 9
+tokens, so cp=2 needs padding and tp's sequence shards are uneven.
 """
 
 from __future__ import annotations
@@ -23,6 +23,12 @@ BASE = ["experiment=t2v_tiny", "model.width=32", "model.depth=2", "model.heads=4
         "data.frames=3", "data.height=12", "data.width=4", "recipe.batch_size=4",
         "recipe.warmup_steps=2", "recipe.lr=1e-3", "recipe.grad_clip=0.5",
         "recipe.caption_dropout=0.25", "trainer.wandb.mode=disabled"]
+# Weights after STEPS AdamW steps. Zero-initialised parameters (adaLN-zero, the
+# cross-attention output, the text projection's bias behind it) get their first nonzero
+# gradient at step 2, tiny, and Adam divides it by its own magnitude: the rounding of the
+# mesh's reduction order reaches the update almost undamped (measured up to 1.7e-5 at
+# fsdp2 x cp2). Outputs, losses and gradients stay at 1e-5.
+WEIGHT_TOLERANCE = 3e-5
 CAPTIONS = ["a red square moving left", "a blue circle", "", "a green triangle moving up"]
 STEPS = 3
 
@@ -120,10 +126,11 @@ def test_mesh_matches_one_process(case, references):
                 zip(result["losses"], reference["losses"], strict=True)):
             assert abs(loss - expected) <= 1e-5 * abs(expected), f"{where} step {step + 1}"
         assert result["grads"].keys() == reference["grads"].keys(), where
-        for kind in ("grads", "weights", "ema"):
+        for kind, tolerance in (("grads", 1e-5), ("weights", WEIGHT_TOLERANCE),
+                                ("ema", WEIGHT_TOLERANCE)):
             for name, expected in reference[kind].items():
                 error = relative_error(result[kind][name], expected)
-                assert error <= 1e-5, f"{where} {kind} {name}: relative error {error:.2e}"
+                assert error <= tolerance, f"{where} {kind} {name}: relative error {error:.2e}"
 
 
 def test_fsdp2_bf16_params_with_fp32_reduction_stay_close(references):

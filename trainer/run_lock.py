@@ -2,10 +2,12 @@
 
 Two launches on one ``runs/<name>`` write, prune and rename each other's checkpoints
 (each deletes the other's temporary step folders). The first launch holds an advisory
-``flock`` on ``<run_dir>/.lock`` for its lifetime; a second launch is refused with the
-holder's host, pid and job id. The kernel drops the lock when the holder dies however it
-dies (SIGKILL, node loss on a shared filesystem that supports flock), so a requeued or
-restarted job takes it again with no stale lock to clean up.
+POSIX record lock (``fcntl.lockf``) on ``<run_dir>/.lock`` for its lifetime; a second
+launch is refused with the holder's host, pid and job id. The kernel drops the lock when
+the holder dies however it dies (SIGKILL, node loss on a shared filesystem with locking),
+so a requeued or restarted job takes it again with no stale lock to clean up. Not
+``flock``: its lock belongs to the open file, which forked data-loader workers share, so
+a SIGKILLed launch's workers kept the run locked while they wound down.
 """
 
 from __future__ import annotations
@@ -20,9 +22,9 @@ from pathlib import Path
 import torch.distributed as dist
 
 LOCK_NAME = ".lock"
-# Locks this process holds, by path: flock conflicts between two opens of one file even in
-# one process, and a train() that raised may still hold its lock through the traceback, so
-# a later train() in the same process (a test, a notebook) takes it over instead.
+# Locks this process holds, by path: a train() that raised may still hold its lock through
+# the traceback, so a later train() in the same process (a test, a notebook) takes it over,
+# and closing a second handle on the file would drop a POSIX lock the process holds.
 _HELD: dict[Path, object] = {}
 
 
@@ -60,8 +62,8 @@ class RunDirLock:
             return None
         handle = open(self.path, "a+")
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # EAGAIN or EACCES: held by another process
             handle.close()
             return _holder(self.path)
         handle.seek(0)
@@ -88,6 +90,6 @@ class RunDirLock:
     def release(self) -> None:
         if self._file is not None and _HELD.get(self.path.resolve()) is self._file:
             del _HELD[self.path.resolve()]
-            fcntl.flock(self._file, fcntl.LOCK_UN)
+            fcntl.lockf(self._file, fcntl.LOCK_UN)
             self._file.close()
         self._file = None
