@@ -28,6 +28,7 @@ from models.sampler import GuidedVelocity, euler_sample, linear_quadratic_schedu
 from trainer.config import ConfigError
 from trainer.linear_guidance import (
     CalibrationRun,
+    calibration_batches,
     calibration_prompts,
     model_hash,
     read_calibration,
@@ -58,16 +59,10 @@ def calibrate_blocks(run: TrainedRun, steps: int, scale: float, prompts: list[st
     (each block's mean relative residual change per step, over both CFG branches)."""
     dit = run.model.dit
     curves = ChangeCurves(steps, len(dit.blocks))
-    device = next(run.model.parameters()).device
-    for first in range(0, len(prompts), batch):
-        chunk = prompts[first: first + batch]
-        context, mask = run.model.text(chunk)
-        null_context, null_mask = run.model.text([""] * len(chunk))
-        generator = torch.Generator().manual_seed(seed + first)
-        noise = torch.randn((len(chunk), *run.task.latent_shape), generator=generator)
-        velocity = GuidedVelocity(dit, context, mask, null_context, null_mask, scale, "cfg")
+    for texts, noise in calibration_batches(run, prompts, seed, batch):
+        velocity = GuidedVelocity(dit, *texts, scale, "cfg")
         with CacheSettings().new_cache(curves=curves).attached(dit):
-            euler_sample(velocity, noise.to(device), linear_quadratic_schedule(steps))
+            euler_sample(velocity, noise, linear_quadratic_schedule(steps))
     change = curves.mean()
     return {"format": FORMAT, "steps": steps, "scale": scale, "depth": len(dit.blocks),
             "model_hash": model_hash(run.model), "run": str(run.run_dir), "step": run.step,

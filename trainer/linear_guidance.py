@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -89,21 +90,27 @@ def calibration_prompts(run: TrainedRun, count: int) -> list[str]:
     return [train.spec(i).caption for i in range(count)]
 
 
+def calibration_batches(run: TrainedRun, prompts: list[str], seed: int, batch: int
+                        ) -> Iterator[tuple[tuple[torch.Tensor, ...], torch.Tensor]]:
+    """((context, mask, null_context, null_mask), noise on the model's device) per chunk of
+    ``batch`` prompts; the chunk starting at prompt i draws its noise from seed + i."""
+    device = next(run.model.parameters()).device
+    for first in range(0, len(prompts), batch):
+        chunk = prompts[first: first + batch]
+        texts = (*run.model.text(chunk), *run.model.text([""] * len(chunk)))
+        generator = torch.Generator().manual_seed(seed + first)
+        noise = torch.randn((len(chunk), *run.task.latent_shape), generator=generator)
+        yield texts, noise.to(device)
+
+
 @torch.no_grad()
 def calibrate(run: TrainedRun, steps: int, scale: float, prompts: list[str], seed: int,
               batch: int) -> dict:
     """CFG on ``prompts``, watched: -> the calibration record (coefficients per step)."""
     fit = LinearGuidanceFit(steps, alternate_steps(steps))
-    device = next(run.model.parameters()).device
-    for first in range(0, len(prompts), batch):
-        chunk = prompts[first: first + batch]
-        context, mask = run.model.text(chunk)
-        null_context, null_mask = run.model.text([""] * len(chunk))
-        generator = torch.Generator().manual_seed(seed + first)
-        noise = torch.randn((len(chunk), *run.task.latent_shape), generator=generator)
-        velocity = GuidedVelocity(run.model.dit, context, mask, null_context, null_mask,
-                                  scale, "cfg", observer=fit.observe)
-        euler_sample(velocity, noise.to(device), linear_quadratic_schedule(steps))
+    for texts, noise in calibration_batches(run, prompts, seed, batch):
+        velocity = GuidedVelocity(run.model.dit, *texts, scale, "cfg", observer=fit.observe)
+        euler_sample(velocity, noise, linear_quadratic_schedule(steps))
     coefficients, error = fit.coefficients()
     return {"format": FORMAT, "steps": steps, "scale": scale,
             "model_hash": model_hash(run.model), "run": str(run.run_dir), "step": run.step,
