@@ -15,6 +15,7 @@ from models.dit import DiT, DiTConfig
 from models.sampler import GuidedVelocity, euler_sample, linear_quadratic_schedule
 from tests.distributed import run_distributed
 from tests.test_adaptive_guidance import PROMPTS, SCALE, STEPS, setup  # noqa: F401
+from tests.test_linear_guidance import nudged
 from trainer.block_cache_calibration import (
     block_calibration_path,
     cache_settings,
@@ -198,16 +199,8 @@ def test_a_missing_corrupt_mismatched_or_stale_calibration_file_is_refused(calib
         with pytest.raises(ConfigError, match=f"{path} is corrupt"):
             load_change_curves(path, model, STEPS, SCALE)
     path.write_text(json.dumps(record))
-    parameter = next(model.parameters())
-    kept = parameter.detach().clone()
-    with torch.no_grad():
-        parameter[0] += 1e-3
-    try:
-        with pytest.raises(ConfigError, match=f"{path} is stale"):
-            load_change_curves(path, model, STEPS, SCALE)
-    finally:
-        with torch.no_grad():
-            parameter.copy_(kept)
+    with nudged(model), pytest.raises(ConfigError, match=f"{path} is stale"):
+        load_change_curves(path, model, STEPS, SCALE)
 
 
 def tiny_dit() -> DiT:

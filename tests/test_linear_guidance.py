@@ -4,6 +4,7 @@ calibration file that is missing, corrupt, for other steps or for other weights 
 refused, naming it."""
 
 import json
+from contextlib import contextmanager
 from types import SimpleNamespace
 
 import pytest
@@ -19,6 +20,21 @@ from models.sampler import (
 from tests.test_adaptive_guidance import PROMPTS, SCALE, STEPS, sample, setup  # noqa: F401
 from trainer.config import ConfigError
 from trainer.linear_guidance import calibrate, calibration_path, load_coefficients
+
+
+@contextmanager
+def nudged(model):
+    """``model`` with its first parameter's first row moved by 1e-3 (a stale calibration's
+    weights), restored afterwards."""
+    parameter = next(model.parameters())
+    kept = parameter.detach().clone()
+    with torch.no_grad():
+        parameter[0] += 1e-3
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            parameter.copy_(kept)
 
 
 def test_the_fit_recovers_the_coefficients_that_made_the_data():
@@ -123,13 +139,5 @@ def test_a_calibration_file_round_trips_and_bad_ones_are_refused(calibrated):
     with pytest.raises(ConfigError, match=f"{path} is corrupt"):
         load_coefficients(path, model, STEPS, SCALE)
     path.write_text(json.dumps(record))
-    parameter = next(model.parameters())
-    kept = parameter.detach().clone()
-    with torch.no_grad():
-        parameter[0] += 1e-3
-    try:
-        with pytest.raises(ConfigError, match=f"{path} is stale"):
-            load_coefficients(path, model, STEPS, SCALE)
-    finally:
-        with torch.no_grad():
-            parameter.copy_(kept)
+    with nudged(model), pytest.raises(ConfigError, match=f"{path} is stale"):
+        load_coefficients(path, model, STEPS, SCALE)
