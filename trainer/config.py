@@ -438,6 +438,21 @@ def check_autoencoder_checkpoint(checkpoint: str | None) -> None:
         raise ConfigError(f"autoencoder.checkpoint={checkpoint} is not a file; {how}")
 
 
+def check_frozen_copy(cfg: TrainConfig, what: str, alternative: str = "") -> None:
+    """A task that trains against a frozen copy of ``trainer.init_from`` (DPO's reference,
+    a distilled student's teacher) needs that source, and FSDP2 to shard the copy like the
+    trained model. ``what`` names the setting that asks for the copy."""
+    if not cfg.trainer.init_from:
+        raise ConfigError(f"{what} trains against a frozen copy of trainer.init_from, which "
+                          f"is not set: point it at the run (or checkpoint, or safetensors "
+                          f"file) it starts from")
+    if cfg.parallel.engine is not Engine.fsdp2:
+        raise ConfigError(f"{what} shards its frozen copy of trainer.init_from like the "
+                          f"trained model with FSDP2, but parallel.engine="
+                          f"{cfg.parallel.engine.value}; use parallel.engine=fsdp2"
+                          f"{alternative}")
+
+
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from models.distill import check_times, default_times
-from trainer.config import ConfigError, Engine, RecipeConfig, Task, TrainConfig
+from trainer.config import ConfigError, RecipeConfig, Task, TrainConfig, check_frozen_copy
 
 
 @dataclass
@@ -80,15 +80,7 @@ def check_distill(cfg: TrainConfig) -> None:
     if task and not recipe:
         raise ConfigError("task=distill needs the student's steps, shift and teacher guidance: "
                           "use recipe=distill")
-    if not cfg.trainer.init_from:
-        raise ConfigError("task=distill starts the student from the teacher and refines it "
-                          "against a frozen copy, both read from trainer.init_from, which is "
-                          "not set: point it at the teacher's run (or checkpoint, or "
-                          "safetensors file)")
-    if cfg.parallel.engine is not Engine.fsdp2:
-        raise ConfigError(f"task=distill shards its frozen teacher like the student with "
-                          f"FSDP2, but parallel.engine={cfg.parallel.engine.value}; use "
-                          f"parallel.engine=fsdp2")
+    check_frozen_copy(cfg, "task=distill (the teacher)")
 
 
 def student_sampling(cfg: TrainConfig, steps: int) -> torch.Tensor | None:

@@ -39,7 +39,6 @@ from models.distill import (
     shifted_reconstruction_target,
 )
 from parallel.mesh import ParallelContext
-from trainer.build import build_model
 from trainer.config import SyntheticDataConfig, TrainConfig
 from trainer.distill_config import check_distill
 from trainer.draws import StepDraws
@@ -74,14 +73,9 @@ class DistillTask(TextToVideoTask):
         """The frozen teacher: the init_from weights, sharded like the student."""
         if self.teacher is None:
             # imported here: init_from -> trained -> tasks -> this module is a cycle
-            from trainer.init_from import initialise_from
+            from trainer.init_from import frozen_copy
 
-            teacher = build_model(self.cfg, self.ctx)
-            initialise_from(self.cfg, teacher, None, is_main=False)
-            self.teacher = teacher.eval().requires_grad_(False)
-            if self.ctx.is_main:
-                print(f"teacher: a frozen copy of trainer.init_from={self.cfg.trainer.init_from}",
-                      flush=True)
+            self.teacher = frozen_copy(self.cfg, self.ctx, "teacher")
         return self.teacher
 
     def describe(self) -> str:

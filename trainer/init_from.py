@@ -19,6 +19,7 @@ from pathlib import Path
 
 from torch import nn
 
+from parallel.mesh import ParallelContext
 from parallel.weights import (
     CheckpointWeights,
     SafetensorsWeights,
@@ -26,6 +27,7 @@ from parallel.weights import (
     open_weights,
     plan_load,
 )
+from trainer.build import build_model
 from trainer.config import ConfigError, TrainConfig
 from trainer.trained import locate_checkpoint
 
@@ -45,6 +47,16 @@ def open_source(path: Path, ema: bool) -> CheckpointWeights | SafetensorsWeights
         message = str(error)
         raise ConfigError(message if message.startswith(KEY) else f"{KEY}={path}: {message}"
                           ) from None
+
+
+def frozen_copy(cfg: TrainConfig, ctx: ParallelContext, role: str) -> nn.Module:
+    """``trainer.init_from``'s weights in a model built and sharded like the trained one,
+    in eval mode with no gradients: DPO's reference, a distilled student's teacher."""
+    copy = build_model(cfg, ctx)
+    initialise_from(cfg, copy, None, is_main=False)
+    if ctx.is_main:
+        print(f"{role}: a frozen copy of {KEY}={cfg.trainer.init_from}", flush=True)
+    return copy.eval().requires_grad_(False)
 
 
 def initialise_from(cfg: TrainConfig, model: nn.Module, resume_from: Path | None,

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from data.preference_shards import is_preference
-from trainer.config import ConfigError, Engine, RecipeConfig, TrainConfig
+from trainer.config import ConfigError, RecipeConfig, TrainConfig, check_frozen_copy
 
 
 class PreferenceLoss(Enum):
@@ -66,11 +66,5 @@ def check_preference(cfg: TrainConfig) -> None:
                           "cached by trainer.precompute)")
     if not recipe or cfg.recipe.loss is not PreferenceLoss.dpo:
         return
-    if not cfg.trainer.init_from:
-        raise ConfigError("recipe.loss=dpo compares the model with a frozen reference loaded "
-                          "from trainer.init_from, which is not set: point it at the run (or "
-                          "checkpoint, or safetensors file) being tuned")
-    if cfg.parallel.engine is not Engine.fsdp2:
-        raise ConfigError(f"recipe.loss=dpo shards its frozen reference like the policy with "
-                          f"FSDP2, but parallel.engine={cfg.parallel.engine.value}; use "
-                          f"parallel.engine=fsdp2, or recipe.loss=simpo (no reference)")
+    check_frozen_copy(cfg, "recipe.loss=dpo (the reference)",
+                      alternative=", or recipe.loss=simpo (no reference)")

@@ -35,7 +35,6 @@ from models.preference import (
     reward_margin,
 )
 from parallel.mesh import ParallelContext
-from trainer.build import build_model
 from trainer.config import TrainConfig
 from trainer.draws import StepDraws
 from trainer.objective import Text, caption_keep_mask, draw_noise_and_t, drop_text
@@ -70,14 +69,9 @@ class PreferenceTask(TextToVideoTask):
         """The frozen reference: the init_from weights, sharded like the policy."""
         if self.reference is None:
             # imported here: init_from -> trained -> tasks -> this module is a cycle
-            from trainer.init_from import initialise_from
+            from trainer.init_from import frozen_copy
 
-            reference = build_model(self.cfg, self.ctx)
-            initialise_from(self.cfg, reference, None, is_main=False)
-            self.reference = reference.eval().requires_grad_(False)
-            if self.ctx.is_main:
-                print(f"reference model: a frozen copy of trainer.init_from="
-                      f"{self.cfg.trainer.init_from}", flush=True)
+            self.reference = frozen_copy(self.cfg, self.ctx, "reference model")
         return self.reference
 
     def describe(self) -> str:
