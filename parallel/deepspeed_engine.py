@@ -20,19 +20,26 @@ in ~/.cache/torch_extensions).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from models.init import DrawTally, initial_value
 from parallel.checkpoint import TRAINER_STATE_FILE
 from parallel.engine import OptimizerFactory
 from parallel.mesh import ParallelContext
+
+# torch.nn.init's random fills, which module constructors call: skipped while a ZeRO-3
+# model is built, since every value is overwritten by its (seed, name) initial value.
+RANDOM_INITS = ("uniform_", "normal_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_",
+                "xavier_uniform_", "xavier_normal_", "orthogonal_")
 
 CHECKPOINT_TAG = "deepspeed"  # DeepSpeed's files go to <directory>/deepspeed/
 
@@ -100,6 +107,51 @@ def ds_config(batch_size: int, dp_size: int, grad_clip: float, zero_stage: int,
         "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 2**62,
     }
+
+
+@contextlib.contextmanager
+def skip_random_init() -> Iterator[None]:
+    """Module constructors leave their weights unfilled (the tensors are allocated)."""
+    saved = {name: getattr(nn.init, name) for name in RANDOM_INITS}
+    try:
+        for name in RANDOM_INITS:
+            setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for name, fill in saved.items():
+            setattr(nn.init, name, fill)
+
+
+def build_partitioned(build: Callable[[], nn.Module], config: dict, device: torch.device,
+                      seed: int) -> tuple[nn.Module, int]:
+    """ZeRO-3: ``build()`` runs under ``deepspeed.zero.Init``, which splits each module's
+    parameters over the ranks as soon as that module is constructed, so no rank ever holds
+    more than one module's full weights; then each rank fills its own partitions with the
+    single-process initial values. Returns the model and the elements this rank drew."""
+    deepspeed = import_deepspeed(device)
+    with skip_random_init(), deepspeed.zero.Init(config_dict_or_path=config):
+        model = build()
+    return model, fill_partitions(model, seed, dist.get_rank())
+
+
+@torch.no_grad()
+def fill_partitions(model: nn.Module, seed: int, rank: int) -> int:
+    """Write each ZeRO-3 parameter's initial value into this rank's flat partition
+    (``ds_tensor``: elements [rank * n, rank * n + n) of the flattened parameter, the
+    last rank's padded), drawing only the rows the partition overlaps."""
+    tally = DrawTally()
+    for name, param in model.named_parameters():
+        part, shape = param.ds_tensor, param.ds_shape
+        start = rank * part.numel()
+        stop = min(start + part.numel(), param.ds_numel)
+        if stop <= start:
+            continue  # a partition of padding only
+        row = math.prod(shape[1:])
+        first, end = start // row, -(-stop // row)
+        index = (slice(first, end), *(slice(None) for _ in shape[1:]))
+        rows = initial_value(model, name, shape, seed, index, tally).flatten()
+        part[: stop - start].copy_(rows[start - first * row: stop - first * row])
+    return tally.elements
 
 
 class DeepSpeedEngine:

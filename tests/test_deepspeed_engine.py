@@ -7,8 +7,10 @@ global loss, the gradient norm, every parameter's full gradient after each backw
 every full weight after the steps. The step plan also covers a step refused by the guard
 with finite gradients (the first one, before Adam has any state), a non-finite loss that
 skips backward, and non-finite gradients that DeepSpeed drops itself; none may change
-anything. Then: save, EMA-style writes into ``ema_tensors`` seen by the next forward
-(engine or bare model), a further step, load, and the same step again.
+anything. ZeRO-3 models are built under ``zero.Init``: each rank holds only its partition
+of every parameter and draws about half of the initial values. Then: save, EMA-style
+writes into ``ema_tensors`` seen by the next forward (engine or bare model), a further
+step, load, and the same step again.
 
 All cases share one spawned run (process start and the DeepSpeed import cost seconds).
 """
@@ -24,7 +26,7 @@ import pytest
 import torch
 from torch import nn
 
-from parallel.deepspeed_engine import DeepSpeedEngine, ds_config
+from parallel.deepspeed_engine import DeepSpeedEngine, ds_config, fill_partitions
 from parallel.mesh import MeshDims, ParallelContext
 from tests.conftest import compose_train
 from tests.distributed import run_distributed
@@ -66,6 +68,15 @@ def gather_flat(local: torch.Tensor, group) -> torch.Tensor:
     return out
 
 
+def partition_error(model: nn.Module, world: int) -> tuple[float, str]:
+    """ZeRO-3 built under zero.Init: every parameter an empty placeholder whose rank-local
+    partition holds a world-th of it; (1.0, name) for the first that is not."""
+    for name, p in model.named_parameters():
+        if p.numel() or p.ds_tensor.numel() != -(-p.ds_numel // world):
+            return 1.0, name
+    return 0.0, ""
+
+
 def tensors_in(state) -> list[torch.Tensor]:
     """The tensors of a nested state dict, in a fixed order."""
     if torch.is_tensor(state):
@@ -86,7 +97,9 @@ def run_case(ctx, name: str, directory: Path) -> dict:
     stage, offload_optimizer, offload_params = CASES[name]
     cfg = compose_train(BASE + [f"parallel.zero_stage={stage}"])
     recipe, seed = cfg.recipe, cfg.trainer.seed
-    model, reference = build_model(cfg, ctx), build_model(cfg, ctx)
+    model = build_model(cfg, ctx)
+    # the single-process model: ZeRO-1 builds it whole (only the optimizer is partitioned)
+    reference = build_model(compose_train(BASE + ["parallel.zero_stage=1"]), ctx)
     engine = DeepSpeedEngine(model, lambda p: build_optimizer(p, recipe, MAX_STEPS), ctx,
                              batch_size=recipe.batch_size, grad_clip=recipe.grad_clip,
                              zero_stage=stage, offload_optimizer=offload_optimizer,
@@ -109,6 +122,12 @@ def run_case(ctx, name: str, directory: Path) -> dict:
 
     def note(kind: str, error: tuple[float, str]) -> None:
         errors[kind] = max(errors.get(kind, (0.0, "")), error)
+
+    if stage == 3:
+        note("partitions", partition_error(model, ctx.world_size))
+        drawn = fill_partitions(model, seed, ctx.rank)  # the same values again: a no-op
+        total = sum(p.ds_numel for p in model.parameters())
+        note("drawn_share", (max(0.0, drawn / total - 0.6), f"{drawn} of {total} drawn"))
 
     def reference_step(step: int, kind: str) -> tuple[float, float, dict]:
         """The whole batch in one process; the loss, norm and gradients before clipping."""

@@ -6,6 +6,8 @@ meta device, then each rank allocates and fills only its shards.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
@@ -60,12 +62,17 @@ def load_autoencoder_weights(autoencoder: torch.nn.Module, checkpoint: str) -> N
                           f"that trained it): {str(error).splitlines()[0]} ...") from error
 
 
+def build_modules(cfg: TrainConfig) -> TextToVideo:
+    """Text conditioner + DiT, on the current default device. Pretrained encoders read only
+    their config and tokenizer here; ``materialise`` loads weights."""
+    encoders = {name: _build_encoder(name, node) for name, node in cfg.text.encoders.items()}
+    return TextToVideo(DiT(cfg.model), TextConditioner(encoders, cfg.model.width))
+
+
 def build_meta_model(cfg: TrainConfig) -> TextToVideo:
-    """Text conditioner + DiT on the meta device: shapes and names, no memory. Pretrained
-    encoders read only their config and tokenizer here; ``materialise`` loads weights."""
+    """The model on the meta device: shapes and names, no memory."""
     with torch.device("meta"):
-        encoders = {name: _build_encoder(name, node) for name, node in cfg.text.encoders.items()}
-        return TextToVideo(DiT(cfg.model), TextConditioner(encoders, cfg.model.width))
+        return build_modules(cfg)
 
 
 def _build_encoder(name: str, node) -> torch.nn.Module:
@@ -80,16 +87,36 @@ def _build_encoder(name: str, node) -> torch.nn.Module:
 
 def build_model(cfg: TrainConfig, ctx: ParallelContext) -> TextToVideo:
     """Text conditioner + DiT: built on meta, parallelised for ``ctx``, then materialised
-    with the initial values of ``cfg.trainer.seed``. Under DeepSpeed the model is returned
-    whole; its engine partitions it."""
-    model = build_meta_model(cfg)
+    with the initial values of ``cfg.trainer.seed``. Under DeepSpeed ZeRO-3 the modules are
+    built under ``zero.Init`` (each rank holds its partition of every parameter); under
+    ZeRO-1/2 the model is returned whole and the engine partitions the optimizer."""
     par = cfg.parallel
+    if par.engine is Engine.deepspeed and par.zero_stage == 3:
+        return build_zero3_model(cfg, ctx)
+    model = build_meta_model(cfg)
     parallel_ctx = ctx if par.engine is Engine.fsdp2 else single_process(ctx.device)
     parallelize_model(model, parallel_ctx, cp_mode=par.cp_mode.value,
                       activation_checkpointing=par.activation_checkpointing.value,
                       checkpoint_every=par.checkpoint_every, compile=par.compile,
                       param_dtype=param_dtype(cfg, ctx.device))
     materialise(model, ctx.device, cfg.trainer.seed)
+    return model
+
+
+def build_zero3_model(cfg: TrainConfig, ctx: ParallelContext) -> TextToVideo:
+    from parallel.deepspeed_engine import build_partitioned, ds_config
+
+    par = cfg.parallel
+    dtype = param_dtype(cfg, ctx.device)
+    # zero.Init reads the partitioning, offload and bf16 settings; clipping is the engine's
+    config = ds_config(cfg.recipe.batch_size, ctx.dp_size, math.inf, par.zero_stage,
+                       par.offload_optimizer, par.offload_params, dtype is torch.bfloat16)
+    model, _ = build_partitioned(lambda: build_modules(cfg), config, ctx.device,
+                                 cfg.trainer.seed)
+    parallelize_model(model, single_process(ctx.device), cp_mode=par.cp_mode.value,
+                      activation_checkpointing=par.activation_checkpointing.value,
+                      checkpoint_every=par.checkpoint_every, compile=par.compile,
+                      param_dtype=dtype)
     return model
 
 
