@@ -34,6 +34,7 @@ from functools import partial
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from models.attention import AttentionFn
 
@@ -101,9 +102,18 @@ class SequenceShards:
 
     def row_sums(self, x: torch.Tensor) -> torch.Tensor:
         """(R, Ls, ...) shard -> (R,) fp64 sum of each row over its real tokens on every cp
-        rank, padding left out (what ``models.block_cache`` decides on)."""
-        real = x.narrow(1, 0, self.valid_in_block(self.rank))
-        sums = real.double().sum(tuple(range(1, x.dim())))
+        rank, padding left out (what ``models.block_cache`` decides on). Under tp x is a
+        DTensor whose Ls tokens are split over the tp ranks: DTensor sums those."""
+        valid, dims = self.valid_in_block(self.rank), tuple(range(1, x.dim()))
+        if isinstance(x, DTensor):
+            # the padding is masked, not cut: a narrowed sharded DTensor would be gathered
+            real = torch.zeros(1, x.shape[1], *(1,) * (x.dim() - 2), dtype=x.dtype,
+                               device=x.to_local().device)
+            real[:, :valid] = 1
+            real = distribute_tensor(real, x.device_mesh, x.placements, src_data_rank=None)
+            sums = (x * real).double().sum(dims).full_tensor()
+        else:
+            sums = x.narrow(1, 0, valid).double().sum(dims)
         dist.all_reduce(sums, group=self.group)
         return sums
 

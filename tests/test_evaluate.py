@@ -13,6 +13,7 @@ from scipy import linalg
 
 from models.autoencoder import IdentityAutoencoder
 from tests.conftest import ROOT, python_cmd
+from tests.distributed import run_distributed
 from tests.test_pixel_loss import tiny_tae
 from tests.test_train_e2e import QUIET, train_cmd
 from trainer.block_cache_calibration import main as block_calibrate_main
@@ -21,6 +22,7 @@ from trainer.evaluate import COLUMNS, EvaluateConfig, evaluate, table_name
 from trainer.frechet import feature_extractor, frechet_distance
 from trainer.linear_guidance import main as calibrate_main
 from trainer.peak_memory import PeakMemory
+from trainer.run_config import parse_cli_options
 from trainer.sample import SampleConfig, sample_traced
 from trainer.sampling import Cache, Guidance
 
@@ -178,3 +180,31 @@ def test_peak_memory_sees_an_allocation():
         block = torch.ones(16 * 2 ** 20)  # 64 MiB, every page touched
         del block
     assert peak.mib >= 60
+
+
+def evaluate_options(trained, output_dir, *overrides: str) -> EvaluateConfig:
+    return parse_cli_options(EvaluateConfig, [
+        f"checkpoint={trained}", "steps=3", "reference_steps=4", "prompts=4", "batch=2",
+        "seed=7", "cache=first_block", "cache_threshold=1e-3", "wandb=disabled",
+        f"output_dir={output_dir}", *overrides], "trainer.evaluate", "")
+
+
+def evaluate_on_mesh(trained, output_dir: str) -> dict:
+    return evaluate(evaluate_options(trained, output_dir, "parallel.cp=2"))
+
+
+def test_evaluate_on_a_mesh_writes_the_one_process_table(trained, tmp_path):
+    single = evaluate(evaluate_options(trained, tmp_path / "single"))
+    per_rank = run_distributed(evaluate_on_mesh, 2, trained, str(tmp_path / "mesh"))
+    for table in per_rank:
+        assert len(table["rows"]) == len(single["rows"]) == 4
+        for row, expected in zip(without_timings(table), without_timings(single), strict=True):
+            assert row.keys() == expected.keys()
+            for key, value in expected.items():
+                if isinstance(value, float):  # PSNR, SSIM, Fréchet: fp32 rounding apart
+                    assert row[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+                else:  # sampler names, NFE and block counts, judge rates
+                    assert row[key] == value, key
+    assert single["rows"][2]["sampler"].startswith("cfg + first_block cache")
+    written = sorted(p.name for p in (tmp_path / "mesh").iterdir())
+    assert written == sorted(p.name for p in (tmp_path / "single").iterdir())  # rank 0's

@@ -21,14 +21,12 @@ from trainer.mesh_sampling import (
     SampleParallelConfig,
     SamplingSpeed,
     check_model_fits,
+    load_on_mesh,
     sampling_dims,
-    sharding,
-    start_sampling_mesh,
 )
 from trainer.run_config import parse_cli_options
 from trainer.sample import SampleConfig, main, sample_result
 from trainer.train import train
-from trainer.trained import load_text_to_video
 
 TINY = ["model.depth=2", "model.width=32", "model.heads=4", "model.ffn_dim=64",
         "text.encoders.byte.dim=32", "text.encoders.byte.depth=1",
@@ -53,11 +51,20 @@ def sources(tmp_path_factory):
     return {"dcp": str(run_dir), "safetensors": str(exported)}
 
 
+def sampler_settings(overrides: list[str]) -> tuple[str, ...]:
+    """The overrides that are not the mesh: what one process must sample alike."""
+    return tuple(o for o in overrides if not o.startswith("parallel."))
+
+
 @pytest.fixture(scope="module")
 def one_process(sources, tmp_path_factory):
-    output = tmp_path_factory.mktemp("single")
-    result = sample_result(options(sources["dcp"], output))
-    return result.videos
+    """sampler settings -> (videos, block evaluations per video) of one process."""
+    found = {}
+    for settings in {sampler_settings(o) for _, runs in MESHES.values() for _, o in runs}:
+        result = sample_result(options(sources["dcp"], tmp_path_factory.mktemp("single"),
+                                       *settings))
+        found[settings] = (result.videos, [t.block_evaluations for t in result.traces])
+    return found
 
 
 def options(checkpoint: str, output_dir, *overrides: str) -> SampleConfig:
@@ -74,6 +81,7 @@ def sample_on_mesh(runs: list[tuple[str, str, list[str]]], shards_of: str | None
     for checkpoint, output_dir, overrides in runs:
         result = sample_result(options(checkpoint, output_dir, *overrides))
         found.append({"videos": result.videos, "paths": [str(p) for p in result.paths],
+                      "blocks": [t.block_evaluations for t in result.traces],
                       "exchanged": result.speed.exchanged_bytes,
                       "tokens_per_second": result.speed.tokens_per_second_per_rank})
     return {"samplings": found, "shards": shards_of and local_shards(shards_of)}
@@ -81,13 +89,16 @@ def sample_on_mesh(runs: list[tuple[str, str, list[str]]], shards_of: str | None
 
 def local_shards(checkpoint: str) -> dict:
     """This rank's loaded part of every parameter, with where it lies in the full one."""
-    par = SampleParallelConfig(tp=2, cp=2)
-    ctx = start_sampling_mesh(par, "cpu")
-    run = load_text_to_video(checkpoint, ctx.device, ctx=ctx, parallelize=sharding(ctx, par))
+    run, _ = load_on_mesh(checkpoint, SampleParallelConfig(tp=2, cp=2), "cpu", ema=True)
     return {name: (shard_index(param), local_tensor(param).detach().clone())
             for name, param in run.model.named_parameters()}
 
 
+# Dynamic block caches at thresholds where this run's rows reuse some blocks and run others
+# (first_block: 20 of 24 block evaluations, teacache 8): every cp rank must decide on the
+# whole row's change, or the ranks' collectives fall out of step.
+FIRST_BLOCK = ["cache=first_block", "cache_threshold=1e-4", "steps=6"]
+TEACACHE = ["cache=teacache", "cache_threshold=1e-4", "steps=6"]
 # mesh -> (processes, the samplings it runs: (source, overrides)); the meshes of one
 # process count share one spawn
 MESHES = {
@@ -96,10 +107,13 @@ MESHES = {
     "cp2_ulysses": (2, [("safetensors", ["parallel.cp=2", "parallel.cp_mode=ulysses"])]),
     "cp2_ring": (2, [("dcp", ["parallel.cp=2", "parallel.cp_mode=ring"])]),
     "cfg2": (2, [("dcp", ["parallel.cfg_parallel=true"])]),
+    "cp2_first_block_cache": (2, [("dcp", ["parallel.cp=2", *FIRST_BLOCK])]),
     "tp2xcp2": (4, [("safetensors", ["parallel.tp=2", "parallel.cp=2",
                                      "parallel.cp_mode=ring"]),
                     ("dcp", ["parallel.tp=2", "parallel.cp=2",
                              "parallel.cp_mode=allgather_kv"])]),
+    "tp2xcp2_teacache": (4, [("dcp", ["parallel.tp=2", "parallel.cp=2",
+                                      "parallel.cp_mode=ring", *TEACACHE])]),
 }
 
 
@@ -130,9 +144,13 @@ def meshes(sources, tmp_path_factory) -> dict:
 def test_mesh_samples_the_one_process_video(mesh, meshes, one_process):
     output_dirs, per_rank = meshes[mesh]
     for rank, samplings in enumerate(per_rank):
-        for result in samplings:
-            error = (result["videos"] - one_process).abs().max().item()
+        for result, (_, overrides) in zip(samplings, MESHES[mesh][1], strict=True):
+            videos, blocks = one_process[sampler_settings(overrides)]
+            error = (result["videos"] - videos).abs().max().item()
             assert error <= 1e-5, (rank, error)
+            assert [b.tolist() for b in result["blocks"]] == [b.tolist() for b in blocks]
+            if "steps=6" in overrides:  # cached: some blocks reused, more than step 0's run
+                assert all(2 * 2 < b < 6 * 2 * 2 for b in blocks), blocks
             assert result["tokens_per_second"] > 0
             assert len(result["paths"]) == (1 if rank == 0 else 0)  # rank 0 writes
     for output_dir in output_dirs:

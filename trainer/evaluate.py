@@ -22,7 +22,9 @@ same prompt and seed, PSNR against CFG at the sampler's own steps (what an accel
 sampler should reproduce), and the Fréchet distance to the real clips on the features named in
 the table (``trainer.frechet``). The chunk of ``batch`` prompts that starts at prompt i
 is seeded ``seed + i`` for every sampler, so two checkpoints, or two samplers, see the
-same noise for the same prompt.
+same noise for the same prompt. On a mesh (``launch/torchrun.sh 4 -m trainer.evaluate ...
+parallel.tp=2 parallel.cp=2``; ``trainer.mesh_sampling``) every rank samples on its own
+shards and rank 0 writes the table; wall time and memory are rank 0's.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from omegaconf import MISSING
 
 from data.judges import ATTRIBUTES, match_rates
@@ -44,11 +47,17 @@ from trainer.block_cache_calibration import cache_settings
 from trainer.config import ConfigError, SyntheticDataConfig
 from trainer.frechet import FeatureExtractor, feature_extractor, frechet_distance
 from trainer.linear_guidance import calibration_path, load_coefficients
+from trainer.mesh_sampling import (
+    SampleParallelConfig,
+    check_split_guidance,
+    load_on_mesh,
+    split_guidance,
+)
 from trainer.peak_memory import PeakMemory
 from trainer.run_config import parse_cli_options
 from trainer.sampling import Cache, Guidance, generate_traced
 from trainer.text_following import held_out_prompts
-from trainer.trained import TrainedRun, load_text_to_video
+from trainer.trained import TrainedRun
 from trainer.video_quality import SSIM_TAPS, psnr, ssim
 
 # Samplers that stop guiding a sample once its cosine passes gamma.
@@ -75,6 +84,9 @@ class EvaluateConfig:
     wandb: str | None = None          # offline | online | disabled; default: the run's mode
     ema: bool = True
     device: str = "cpu"
+    # the sampling mesh (trainer.mesh_sampling): under torchrun every rank samples on its
+    # shards, the tables are rank 0's
+    parallel: SampleParallelConfig = field(default_factory=SampleParallelConfig)
 
     def __post_init__(self) -> None:
         for key in ("steps", "reference_steps"):
@@ -261,8 +273,11 @@ def sampler_table(run, samplers: list[SamplerSpec], reference_steps: int, scale:
 
 
 def evaluate(opts: EvaluateConfig) -> dict:
-    """Run the evaluation and write its table; -> the table as written to JSON."""
-    run = load_text_to_video(Path(opts.checkpoint), torch.device(opts.device), opts.ema)
+    """Run the evaluation and write its table (on a mesh: rank 0); -> the table as written
+    to JSON."""
+    check_split_guidance(opts.parallel, opts.guidance.value, opts.cache.value)
+    run, sharding = load_on_mesh(opts.checkpoint, opts.parallel, opts.device, opts.ema)
+    split_guidance(run.model.dit, sharding.ctx)
     if not isinstance(run.cfg.data, SyntheticDataConfig):
         raise ConfigError(f"checkpoint={opts.checkpoint} trained on "
                           f"{type(run.cfg.data).__name__}; trainer.evaluate judges the "
@@ -278,14 +293,16 @@ def evaluate(opts: EvaluateConfig) -> dict:
             linear = load_coefficients(Path(path), run.model, opts.steps, opts.scale)
         samplers.append(SamplerSpec(opts.guidance, opts.steps, opts.scale, opts.gamma, linear))
     if opts.cache is not Cache.none:
-        cache = cache_settings(opts.cache, opts.cache_threshold, opts.guidance, run, opts.steps,
-                               opts.scale, opts.cache_file)
+        cache = sharding.cache(cache_settings(opts.cache, opts.cache_threshold, opts.guidance,
+                                              run, opts.steps, opts.scale, opts.cache_file))
         samplers.append(SamplerSpec(opts.guidance, opts.steps, opts.scale, opts.gamma,
                                     cache=cache))
     table = sampler_table(run, samplers, opts.reference_steps, opts.scale, opts.prompts,
                           extractor, opts.seed, opts.batch, memory)
-    table["options"] = {k: (v.value if isinstance(v, Guidance | Cache) else v)
-                        for k, v in asdict(opts).items()}
+    # enums (guidance, cache, parallel.cp_mode) as their values
+    table["options"] = json.loads(json.dumps(asdict(opts), default=lambda enum: enum.value))
+    if not sharding.ctx.is_main:
+        return table
     rows = table["rows"]
     output_dir = Path(opts.output_dir) if opts.output_dir else run.run_dir / "evaluation"
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -326,6 +343,11 @@ def main(argv: list[str]) -> None:
         table = evaluate(opts)
     except ConfigError as error:
         raise SystemExit(f"config error: {error}") from None
+    if dist.is_initialized():
+        is_main = dist.get_rank() == 0
+        dist.destroy_process_group()
+        if not is_main:
+            return
     print(describe(table) + "\n\n" + markdown_table(table["rows"]))
 
 

@@ -11,20 +11,24 @@ conditional and unconditional passes run on different ranks (``parallel.cfg_para
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from models.block_cache import CacheSettings
 from models.dit import patch_grid
 from parallel.cfg_parallel import BatchSplit
+from parallel.context_parallel import SequenceShards
 from parallel.mesh import MeshDims, ParallelContext, init_parallel, read_launch_env
 from parallel.parallelize import apply_model_parallel
 from trainer.build import single_process
 from trainer.config import ConfigError, CPMode, TrainConfig
 from trainer.start_checks import check_heads_fit
-from trainer.trained import Parallelize
+from trainer.trained import TrainedRun, load_text_to_video
 
 
 @dataclass
@@ -68,13 +72,37 @@ def start_sampling_mesh(par: SampleParallelConfig, device: str) -> ParallelConte
     return init_parallel(dims, torch.device(device).type, par.timeout_minutes)
 
 
-def sharding(ctx: ParallelContext, par: SampleParallelConfig) -> Parallelize:
-    """How ``load_sharded_run`` shards the run's meta model: the training plan, after
-    checking that the run's head count fits the mesh."""
-    def parallelize(cfg: TrainConfig, model: nn.Module) -> None:
-        check_model_fits(cfg.model.heads, par)
-        apply_model_parallel(model.dit, ctx, par.cp_mode.value)
-    return parallelize
+class MeshSharding:
+    """How ``load_text_to_video`` shards a run's meta model on the sampling mesh: the
+    training plan, after checking that the run's head count fits the mesh. Keeps the
+    context-parallel sequence shards, whose row sums the dynamic block caches decide on."""
+
+    def __init__(self, ctx: ParallelContext, par: SampleParallelConfig):
+        self.ctx, self.par = ctx, par
+        self.shards: SequenceShards | None = None
+
+    def __call__(self, cfg: TrainConfig, model: nn.Module) -> None:
+        check_model_fits(cfg.model.heads, self.par)
+        self.shards = apply_model_parallel(model.dit, self.ctx, self.par.cp_mode.value)
+
+    def cache(self, settings: CacheSettings) -> CacheSettings:
+        """``settings`` with this mesh's row sums, so every cp rank takes the same dynamic
+        cache decision and the blocks' collectives stay matched (tensor-parallel sums are
+        whole already)."""
+        if self.shards is None or settings.mode == "none":
+            return settings
+        return dataclasses.replace(settings, sum_rows=self.shards.row_sums)
+
+
+def load_on_mesh(checkpoint: str, par: SampleParallelConfig, device: str, ema: bool,
+                 **shape: int | None) -> tuple[TrainedRun, MeshSharding]:
+    """This process's place in the sampling mesh ``par`` and its shards of the run at
+    ``checkpoint`` (``shape``: frames, height, width overrides)."""
+    ctx = start_sampling_mesh(par, device)
+    sharding = MeshSharding(ctx, par)
+    run = load_text_to_video(Path(checkpoint), ctx.device, ema, ctx=ctx, parallelize=sharding,
+                             **shape)
+    return run, sharding
 
 
 def check_split_guidance(par: SampleParallelConfig, guidance: str, cache: str) -> None:

@@ -39,14 +39,12 @@ from trainer.mesh_sampling import (
     SampleParallelConfig,
     SamplingSpeed,
     check_split_guidance,
-    sharding,
+    load_on_mesh,
     split_guidance,
-    start_sampling_mesh,
     video_tokens,
 )
 from trainer.run_config import parse_cli_options
 from trainer.sampling import Cache, Guidance, generate_traced, write_videos
-from trainer.trained import load_text_to_video
 
 
 @dataclass
@@ -95,10 +93,9 @@ def sample_traced(opts: SampleConfig) -> tuple[list[Path], list[GuidanceTrace]]:
 
 def sample_result(opts: SampleConfig) -> SampleResult:
     """Sample as this process's place in the mesh ``opts.parallel`` (one process: all)."""
-    ctx = start_sampling_mesh(opts.parallel, opts.device)
-    run = load_text_to_video(Path(opts.checkpoint), ctx.device, opts.ema, ctx=ctx,
-                             parallelize=sharding(ctx, opts.parallel),
-                             frames=opts.frames, height=opts.height, width=opts.width)
+    run, sharding = load_on_mesh(opts.checkpoint, opts.parallel, opts.device, opts.ema,
+                                 frames=opts.frames, height=opts.height, width=opts.width)
+    ctx = sharding.ctx
     task = run.task
     # a distilled student samples on its trained times, conditional only (ConfigError
     # for other steps); None for any other run
@@ -108,8 +105,8 @@ def sample_result(opts: SampleConfig) -> SampleResult:
     if guidance is Guidance.linear_ag:
         linear = load_coefficients(calibration_path(run.run_dir, opts.steps, opts.guidance_scale),
                                    run.model, opts.steps, opts.guidance_scale)
-    cache = cache_settings(opts.cache, opts.cache_threshold, guidance, run, opts.steps,
-                           opts.guidance_scale, opts.cache_file)
+    cache = sharding.cache(cache_settings(opts.cache, opts.cache_threshold, guidance, run,
+                                          opts.steps, opts.guidance_scale, opts.cache_file))
     check_split_guidance(opts.parallel, guidance.value, opts.cache.value)
     split = split_guidance(run.model.dit, ctx)
     videos, traces = [], []
