@@ -79,9 +79,11 @@ def test_a_fresh_run_has_nothing_to_compare():
 def test_changed_settings_are_applied_or_refused(tmp_path):
     checkpoint = checkpoint_of(tmp_path, ["recipe.lr=1e-3", "trainer.max_steps=10"])
     changes = check_resume(compose_train(["recipe.lr=1e-5", "trainer.max_steps=50",
-                                          "parallel.tp=2", "data.val_samples=16"]),
+                                          "parallel.tp=2", "data.val_samples=16",
+                                          "data.num_workers=0"]),
                            checkpoint)
-    assert changes == ["data.val_samples=16 (the checkpoint: 64)",
+    assert changes == ["data.num_workers=0 (the checkpoint: 2)",
+                       "data.val_samples=16 (the checkpoint: 64)",
                        "parallel.tp=2 (the checkpoint: 1)",
                        "recipe.lr=1e-05 (the checkpoint: 0.001)",
                        "trainer.max_steps=50 (the checkpoint: 10)"]
@@ -163,3 +165,16 @@ def test_resume_cli_lowers_the_lr_refuses_a_new_depth_and_export_keeps_the_train
     assert "depth: 2" in metadata[CONFIG_KEY] and "lr: 1.0e-05" in metadata[CONFIG_KEY]
     assert "model.depth=1" not in metadata["hydra_overrides"]
     assert any(name.startswith("dit.blocks.1.") for name in names)
+
+
+def test_loader_workers_may_change_for_synthetic_clips_not_for_shards(tmp_path):
+    """Synthetic clips come in the sampler's order however many workers build them; shards
+    are dealt to the workers, so their count is part of the saved data position."""
+    shards = ["data=webdataset", "data.num_workers=2"]
+    checkpoint = checkpoint_of(tmp_path, shards)
+    with pytest.raises(ConfigError, match=r"data.num_workers=4 \(the checkpoint: "
+                                          r"data.num_workers=2\)"):
+        check_resume(compose_train(["data=webdataset", "data.num_workers=4"]), checkpoint)
+    synthetic = checkpoint_of(tmp_path / "synthetic", ["data.num_workers=2"])
+    assert check_resume(compose_train(["data.num_workers=0"]), synthetic) == [
+        "data.num_workers=0 (the checkpoint: 2)"]

@@ -22,7 +22,7 @@ from typing import Any
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
-from trainer.config import ConfigError, TrainConfig
+from trainer.config import ConfigError, SyntheticDataConfig, TrainConfig
 from trainer.run_config import (
     CONFIG_KEY,
     OVERRIDES_KEY,
@@ -111,7 +111,12 @@ def changed_settings(stored: dict[str, Any], current: dict[str, Any]
             if before.get(key, ABSENT) != now.get(key, ABSENT)}
 
 
-def may_change(key: str) -> bool:
+def may_change(key: str, cfg: TrainConfig) -> bool:
+    # Synthetic clips are built by loader workers in the sampler's order, so their count
+    # is a speed knob; webdataset shards are dealt to the workers, so there it is part of
+    # the data position.
+    if key == "data.num_workers" and isinstance(cfg.data, SyntheticDataConfig):
+        return True
     return any(fnmatchcase(key, pattern) for pattern in MAY_CHANGE)
 
 
@@ -128,7 +133,7 @@ def check_resume(cfg: TrainConfig, checkpoint: Path | None) -> list[str]:
     changes = changed_settings(OmegaConf.to_container(OmegaConf.create(stored[CONFIG_KEY])),
                                plain_config(cfg))
     fixed = {key: values for key, values in changes.items()
-             if not may_change(key) and values[0] is not ABSENT}
+             if not may_change(key, cfg) and values[0] is not ABSENT}
     if fixed and not cfg.trainer.force:
         named = "; ".join(f"{key}={now!r} (the checkpoint: {key}={before!r})"
                           for key, (before, now) in fixed.items())
