@@ -25,12 +25,26 @@ peer rows are left out):
     python bench/step.py            # the full table, ~7-8 minutes on 2 cores
     python bench/step.py --quick    # a tiny subset, under a minute
 Progress goes to stderr, the markdown tables to stdout.
+
+``--device cuda`` runs the scale plan instead (``--plan scale``; the table plan runs on a GPU
+too when asked for): our DiT at conf/model/dit_1b.yaml's width, heads, FFN and depth, bf16
+autocast, at 256 px (the 16-channel latent (32, 32, 32): 256 frames and 256 px over the
+TAE's 8x compression in T, H and W, conf/autoencoder/tae_movie_gen.yaml; 8,192 tokens of
+1x2x2 patches), then at twice the latent frames, and twice again, until a step runs out of
+GPU memory (``torch.cuda.OutOfMemoryError``), passes ``--max-tokens`` or takes longer than
+``--max-step-s``; the last point that fit is the longest sequence. Steps are timed by CUDA
+events after a synchronize; peak memory is ``torch.cuda.max_memory_allocated`` of the step
+(weights included); MFU is against the GPU's dense bf16 peak in ``parallel.plan.GPUS``,
+matched on ``torch.cuda.get_device_name`` (``--peak-tflops`` for a GPU not in it). On the
+CPU the scale plan takes the measured matmul peak of its dtype as the denominator:
+    python bench/step.py --device cuda                     # dit_1b, ~1-2 minutes on an H100
+    python bench/step.py --plan scale --width 64 --heads 2 --ffn-dim 128 --depth 1 \
+        --latent 2 8 8 --max-tokens 128 --dtype fp32        # the same logic on a CPU
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 import warnings
@@ -39,18 +53,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
 if __package__ in (None, ""):  # run as a script: make `models` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench._quiet import wait_for_quiet  # noqa: E402
 from models.costs import dit_forward_flops  # noqa: E402
 from models.dit import DiT, DiTConfig  # noqa: E402
+from parallel.plan import GPUS  # noqa: E402
 
 CHANNELS = 16  # latent channels of the TAE (arXiv 2410.13720 §3)
 CONTEXT = 64  # text tokens
 HEAD_DIM = 64
 PEER = "Wan (diffusers)"
+REPO = Path(__file__).resolve().parents[1]
+# 256 frames at 256 px over the TAE's 8x in T, H and W: 32 x 16 x 16 = 8,192 tokens
+LATENT_256PX = (32, 32, 32)
 
 
 @dataclass(frozen=True)
@@ -61,14 +81,16 @@ class Case:
     depth: int
     latent: tuple[int, int, int]
     dtype: str  # "fp32" or "bf16" (autocast)
+    num_heads: int | None = None  # default width / HEAD_DIM
+    ffn: int | None = None  # default 4 * width
 
     @property
     def heads(self) -> int:
-        return self.width // HEAD_DIM
+        return self.num_heads or self.width // HEAD_DIM
 
     @property
     def ffn_dim(self) -> int:
-        return 4 * self.width
+        return self.ffn or 4 * self.width
 
     @property
     def tokens(self) -> int:
@@ -76,8 +98,12 @@ class Case:
         return t * (h // 2) * (w // 2)
 
     def dit_config(self) -> DiTConfig:
+        # position tables grow with the scale plan's long latents (never below the defaults)
+        t, h, w = self.latent
         return DiTConfig(width=self.width, depth=self.depth, heads=self.heads,
-                         ffn_dim=self.ffn_dim, in_channels=CHANNELS)
+                         ffn_dim=self.ffn_dim, in_channels=CHANNELS,
+                         max_patches_t=max(32, t), max_patches_h=max(48, h // 2),
+                         max_patches_w=max(48, w // 2))
 
 
 # Latents (T, H, W): (4, 32, 32) -> 1024 tokens, (8, 32, 32) -> 2048, (4, 64, 64) -> 4096,
@@ -102,26 +128,38 @@ QUICK = [Case(256, 1, (4, 32, 32), "fp32"), Case(256, 1, (4, 16, 16), "bf16")]
 
 # ---------------------------------------------------------------- matmul peak
 
-def best_time(fn: Callable[[], object], reps: int) -> float:
-    fn()  # warm-up: first call allocates and picks kernels
-    best = float("inf")
-    for _ in range(reps):
+def elapsed(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds of one call: wall clock on the CPU; on a GPU, CUDA events around the call
+    after a synchronize (the queue is empty when it starts) and a synchronize after it."""
+    if device.type != "cuda":
         start = time.perf_counter()
         fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+        return time.perf_counter() - start
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize(device)
+    begin.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize(device)
+    return begin.elapsed_time(end) / 1e3
 
 
-def matmul_rate(dtype: torch.dtype, n: int, layout: str, reps: int) -> float:
+def best_time(fn: Callable[[], object], reps: int, device: torch.device) -> float:
+    fn()  # warm-up: first call allocates and picks kernels
+    return min(elapsed(fn, device) for _ in range(reps))
+
+
+def matmul_rate(dtype: torch.dtype, n: int, layout: str, reps: int,
+                device: torch.device) -> float:
     """FLOP/s of an n x n x n torch.mm; layout 'NN' is a @ b, 'NT' a @ b.T, 'TN' a.T @ b."""
-    a = torch.randn(n, n, dtype=dtype)
-    b = torch.randn(n, n, dtype=dtype)
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
     x = a.t() if layout[0] == "T" else a
     y = b.t() if layout[1] == "T" else b
-    return 2 * n**3 / best_time(lambda: torch.mm(x, y), reps)
+    return 2 * n**3 / best_time(lambda: torch.mm(x, y), reps, device)
 
 
-def measure_peaks(quick: bool) -> dict[tuple[str, str, int], float]:
+def measure_peaks(quick: bool, device: torch.device) -> dict[tuple[str, str, int], float]:
     """FLOP/s keyed by (dtype, layout, n).
 
     fp32 is layout-blind (MKL). bf16 is not: without AVX512-BF16, a @ b (NN) goes to
@@ -132,7 +170,7 @@ def measure_peaks(quick: bool) -> dict[tuple[str, str, int], float]:
     plan = [("fp32", "NN", small, 10), ("fp32", "NN", large, 3 if quick else 4),
             ("bf16", "NN", small // 4, 1), ("bf16", "NT", small, 3), ("bf16", "TN", small, 3)]
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
-    return {(dt, layout, n): matmul_rate(dtypes[dt], n, layout, reps)
+    return {(dt, layout, n): matmul_rate(dtypes[dt], n, layout, reps, device)
             for dt, layout, n, reps in plan}
 
 
@@ -147,14 +185,23 @@ def peak_of(dtype: str, runs: list[dict[tuple[str, str, int], float]]) -> float:
 Forward = Callable[..., torch.Tensor]
 
 
-def build_ours(case: Case) -> tuple[torch.nn.Module, Forward]:
-    model = DiT(case.dit_config())
-    model.init_weights()
+def build_ours(case: Case, device: torch.device) -> tuple[torch.nn.Module, Forward]:
+    if device.type == "cpu":
+        model = DiT(case.dit_config())
+        model.init_weights()
+    else:
+        # init_weights draws from CPU generators tile by tile (~15 s for dit_1b); a step's
+        # time does not depend on the values, so a GPU model gets N(0, 0.02) in place
+        with device:
+            model = DiT(case.dit_config())
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0, 0.02)
     randomise(model)
     return model, model  # forward(x, t, context, mask) is the module itself
 
 
-def build_peer(case: Case) -> tuple[torch.nn.Module, Forward] | None:
+def build_peer(case: Case, device: torch.device) -> tuple[torch.nn.Module, Forward] | None:
     try:
         from diffusers import WanTransformer3DModel
     except ImportError:
@@ -164,6 +211,7 @@ def build_peer(case: Case) -> tuple[torch.nn.Module, Forward] | None:
         in_channels=CHANNELS, out_channels=CHANNELS, text_dim=case.width,
         ffn_dim=case.ffn_dim, num_layers=case.depth)
     randomise(model)
+    model.to(device)
 
     def forward(x, t, context, mask):
         # Wan's blocks take no text mask (all 64 tokens are real here); its t is in [0, 1000].
@@ -178,19 +226,19 @@ def randomise(model: torch.nn.Module) -> None:
         p.add_(0.05 * torch.randn_like(p))
 
 
-def make_inputs(case: Case) -> tuple[torch.Tensor, ...]:
+def make_inputs(case: Case, device: torch.device) -> tuple[torch.Tensor, ...]:
     """x, t, context, mask (our trainer always passes one), velocity target."""
     t, h, w = case.latent
     x = torch.randn(1, CHANNELS, t, h, w)
     context = torch.randn(1, CONTEXT, case.width)
     mask = torch.ones(1, CONTEXT, dtype=torch.bool)
-    return x, torch.rand(1), context, mask, torch.randn_like(x)
+    return tuple(v.to(device) for v in (x, torch.rand(1), context, mask, torch.randn_like(x)))
 
 
 def train_step(model: torch.nn.Module, forward: Forward, inputs: tuple[torch.Tensor, ...],
                dtype: str) -> None:
     x, t, context, mask, target = inputs
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
         out = forward(x, t, context, mask)
     loss = (out.float() - target).square().mean()
     loss.backward()
@@ -239,13 +287,18 @@ class Result:
     analytic: int | None  # 3 x models.costs.dit_forward_flops, for ours only
     seconds: float  # best of reps
     reps: int
+    peak_bytes: int | None = None  # torch.cuda.max_memory_allocated of the case (GPU only)
 
 
-def run_case(case: Case, with_peer: bool, budget_s: float) -> list[Result]:
+def run_case(case: Case, with_peer: bool, budget_s: float,
+             device: torch.device) -> list[Result]:
     torch.manual_seed(0)
-    inputs = make_inputs(case)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    inputs = make_inputs(case, device)
     builders = [("ours", build_ours)] + ([(PEER, build_peer)] if with_peer else [])
-    models = [(name, built) for name, build in builders if (built := build(case)) is not None]
+    models = [(name, built) for name, build in builders
+              if (built := build(case, device)) is not None]
     steps = {name: (lambda m=m, f=f: train_step(m, f, inputs, case.dtype))
              for name, (m, f) in models}
     # The counted step doubles as the warm-up; its time sizes the repetitions so every
@@ -259,12 +312,100 @@ def run_case(case: Case, with_peer: bool, budget_s: float) -> list[Result]:
         # (ours, peer, peer, ours, ...) so neither always runs right after the other.
         order = list(steps.items()) if rep % 2 == 0 else list(reversed(steps.items()))
         for name, step in order:
-            start = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(elapsed(step, device))
     analytic = 3 * dit_forward_flops(case.dit_config(), case.tokens, CONTEXT)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     return [Result(case, name, counted[name][0], analytic if name == "ours" else None,
-                   min(times[name]), reps) for name in steps]
+                   min(times[name]), reps, peak) for name in steps]
+
+
+# ---------------------------------------------------------------- scale plan
+
+def scale_cases(args: argparse.Namespace) -> list[Case]:
+    """The 256 px point, then twice its latent frames, and twice again, to --max-tokens."""
+    model = OmegaConf.load(REPO / args.model)
+    width = args.width or model.width
+    first = Case(width, args.depth or model.depth, tuple(args.latent), args.dtype,
+                 num_heads=args.heads or model.heads, ffn=args.ffn_dim or model.ffn_dim)
+    cases = [first]
+    while cases[-1].tokens * 2 <= args.max_tokens:
+        t, h, w = cases[-1].latent
+        cases.append(Case(first.width, first.depth, (2 * t, h, w), first.dtype,
+                          first.num_heads, first.ffn))
+    return cases
+
+
+def gpu_peak_flops(device: torch.device, override_tflops: float | None) -> tuple[float, str]:
+    """The GPU's dense bf16 peak (FLOP/s) from the planner's table, and where it came from."""
+    if override_tflops:
+        return override_tflops * 1e12, f"--peak-tflops {override_tflops:g}"
+    name = torch.cuda.get_device_name(device)
+    # the table's H100 is the SXM part; a PCIe H100 (~756 TFLOP/s) needs --peak-tflops
+    for key, gpu in GPUS.items():
+        if key in name.lower():
+            return gpu.bf16_tflops * 1e12, f"{gpu.name} bf16 dense (parallel.plan.GPUS)"
+    raise SystemExit(f"{name!r} matches none of parallel.plan.GPUS ({', '.join(GPUS)}); "
+                     f"give its dense bf16 peak with --peak-tflops")
+
+
+def run_scale(args: argparse.Namespace, device: torch.device) -> tuple[list[Result], str]:
+    """Run the scale cases in order until one runs out of memory or takes too long; the
+    results that fit and a line saying why the search stopped."""
+    results: list[Result] = []
+    for case in scale_cases(args):
+        print(f"{case} ...", file=sys.stderr, flush=True)
+        try:
+            results += run_case(case, with_peer=False, budget_s=args.budget_s, device=device)
+        except torch.cuda.OutOfMemoryError:
+            stop = f"{case.tokens:,} tokens ran out of GPU memory"
+            break
+        if results[-1].seconds > args.max_step_s:
+            stop = f"a step took more than --max-step-s {args.max_step_s:g} s"
+            break
+    else:
+        stop = f"--max-tokens {args.max_tokens:,} reached"
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # what the failed case held, before anything runs after us
+    return results, stop
+
+
+def scale_table(results: list[Result], peak: float) -> str:
+    """One row per point; the closed form sits beside the count so that an attention kernel
+    FlopCounterMode has no formula for (counted as 0) shows up as a gap."""
+    lines = ["| dtype | width | depth | heads | ffn | tokens | latent T,H,W | reps | step ms "
+             "| tokens/s | GFLOP counted | GFLOP 3x analytic | TFLOP/s | MFU | peak mem GiB |",
+             "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        c, rate = r.case, r.flops / r.seconds
+        memory = f"{r.peak_bytes / 2**30:.1f}" if r.peak_bytes is not None else "-"
+        lines.append(
+            f"| {c.dtype} | {c.width} | {c.depth} | {c.heads} | {c.ffn_dim} | {c.tokens:,} "
+            f"| {','.join(map(str, c.latent))} | {r.reps} | {1e3 * r.seconds:.1f} "
+            f"| {c.tokens / r.seconds:,.0f} | {r.flops / 1e9:,.1f} | {r.analytic / 1e9:,.1f} "
+            f"| {rate / 1e12:.2f} "
+            f"| {rate / peak:.3f} | {memory} |")
+    return "\n".join(lines)
+
+
+def main_scale(args: argparse.Namespace, device: torch.device) -> None:
+    began = time.perf_counter()
+    if device.type == "cuda":
+        peak, source = gpu_peak_flops(device, args.peak_tflops)
+    else:  # no table for CPUs: the measured matmul peak of the plan's dtype
+        peak = peak_of(args.dtype, [measure_peaks(quick=True, device=device)])
+        source = f"measured {args.dtype} torch.mm peak of this CPU"
+    results, stop = run_scale(args, device)
+    where = (torch.cuda.get_device_name(device) if device.type == "cuda"
+             else f"CPU, {torch.get_num_threads()} thread(s)")
+    print(f"torch {torch.__version__}, {where}; peak {peak / 1e12:.3g} TFLOP/s ({source})\n")
+    print(scale_table(results, peak) + "\n")
+    longest = f"{results[-1].case.tokens:,} tokens" if results else "nothing fit"
+    print(f"Longest sequence that fit: {longest}; the search stopped: {stop}.")
+    print(f"Step = forward + MSE loss + backward, no optimizer, batch 1, {CONTEXT} text tokens, "
+          f"best of reps; FLOPs counted by FlopCounterMode (MFU = counted FLOP/s / peak); "
+          f"peak memory includes the fp32 weights and gradients; no activation "
+          f"checkpointing.")
+    print(f"\nwall time {time.perf_counter() - began:.0f} s")
 
 
 # ---------------------------------------------------------------- output
@@ -304,55 +445,6 @@ patch embedding's (the latent), the text K/V projections' (the context is an inp
 and the time MLP's first layer's."""
 
 
-# ---------------------------------------------------------------- waiting for quiet
-
-def cpu_ticks() -> dict[int, int]:
-    """utime + stime (clock ticks) of every process, from /proc (empty where there is none)."""
-    ticks = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)"
-        except OSError:  # the process ended while we looked
-            continue
-        ticks[int(stat.parent.name)] = int(fields[11]) + int(fields[12])
-    return ticks
-
-
-def busy_processes(window_s: float = 2.0, min_cores: float = 0.2) -> list[str]:
-    """Other processes that used more than ``min_cores`` of CPU over a short window.
-
-    Any such job (a training run, pytest, another bench) takes cores from us, so this
-    looks at CPU use rather than at a list of names."""
-    before = cpu_ticks()
-    time.sleep(window_s)
-    after = cpu_ticks()
-    per_second = os.sysconf("SC_CLK_TCK") * window_s
-    busy = []
-    for pid, ticks in after.items():
-        if pid != os.getpid() and (ticks - before.get(pid, ticks)) / per_second > min_cores:
-            try:
-                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-            except OSError:
-                continue
-            busy.append(f"{pid} {cmd[:80].strip()}")
-    return busy
-
-
-def wait_for_quiet(deadline: float, poll_s: float = 30) -> float:
-    """Wait (until ``deadline``, a time.monotonic()) while another process uses the cores.
-
-    Returns the seconds waited."""
-    began = time.monotonic()
-    while True:
-        busy = busy_processes()
-        if not busy or time.monotonic() > deadline:
-            if busy:
-                print(f"warning: still busy: {busy}; timings may be noisy", file=sys.stderr)
-            return time.monotonic() - began
-        print(f"waiting for {busy} to finish ...", file=sys.stderr, flush=True)
-        time.sleep(poll_s)
-
-
 # ---------------------------------------------------------------- main
 
 def parse_args() -> argparse.Namespace:
@@ -363,11 +455,36 @@ def parse_args() -> argparse.Namespace:
                         help="do not wait for other busy processes (trainer, pytest)")
     parser.add_argument("--only", default=None,
                         help="run the cases whose 'dtype/width/tokens' contains this string")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--plan", choices=("table", "scale"), default=None,
+                        help="table: the CPU table above; scale: a model width at 256 px and "
+                             "the longest sequence that fits (default: scale on cuda)")
+    scale = parser.add_argument_group("scale plan")
+    scale.add_argument("--model", default="conf/model/dit_1b.yaml",
+                       help="width, depth, heads and ffn_dim from this conf/model file")
+    for name in ("width", "depth", "heads", "ffn-dim"):
+        scale.add_argument(f"--{name}", type=int, default=None, help="instead of --model's")
+    scale.add_argument("--latent", type=int, nargs=3, default=list(LATENT_256PX),
+                       metavar=("T", "H", "W"), help="the first point's 16-channel latent")
+    scale.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
+    scale.add_argument("--max-tokens", type=int, default=131072)
+    scale.add_argument("--max-step-s", type=float, default=10.0,
+                       help="stop the search after a step this slow (the next is >= 2x)")
+    scale.add_argument("--budget-s", type=float, default=3.0, help="timed seconds per point")
+    scale.add_argument("--peak-tflops", type=float, default=None,
+                       help="the GPU's dense bf16 peak, where parallel.plan.GPUS lacks it")
     return parser.parse_args()
 
 
 def main() -> None:
     args = parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: torch {torch.__version__} sees no CUDA "
+                         f"device")
+    if (args.plan or ("scale" if device.type == "cuda" else "table")) == "scale":
+        main_scale(args, device)
+        return
     # Wan's q/k RMSNorm keeps an fp32 weight under bf16 autocast (torch warns): peer-only.
     warnings.filterwarnings("ignore", message="Mismatch dtype between input and weight")
     cases = QUICK if args.quick else FULL
@@ -376,15 +493,16 @@ def main() -> None:
     deadline = time.monotonic() + (0 if args.no_wait else 15 * 60)
     began = time.perf_counter()
     waited = wait_for_quiet(deadline)
-    peak_runs = [measure_peaks(args.quick)]
+    peak_runs = [measure_peaks(args.quick, device)]
     results: list[Result] = []
     for case in cases:
         # Checked before every case too: another job can start in the middle of the run.
         waited += wait_for_quiet(deadline)
         print(f"{case} ...", file=sys.stderr, flush=True)
-        results += run_case(case, not args.no_peer, budget_s=3 if args.quick else 20)
+        results += run_case(case, not args.no_peer, budget_s=3 if args.quick else 20,
+                            device=device)
     waited += wait_for_quiet(deadline)
-    peak_runs.append(measure_peaks(args.quick))
+    peak_runs.append(measure_peaks(args.quick, device))
     peaks = {dt: peak_of(dt, peak_runs) for dt in ("fp32", "bf16")}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"CPU capability {torch.backends.cpu.get_cpu_capability()}\n")
