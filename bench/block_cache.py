@@ -34,11 +34,11 @@ from trainer.block_cache_calibration import (
     calibrate_blocks,
     load_change_curves,
 )
-from trainer.evaluate import SamplerSpec, held_out_clips, sample_set, score
+from trainer.evaluate import SamplerSpec, held_out_clips, sample_set, score, warm_up
 from trainer.frechet import feature_extractor
 from trainer.linear_guidance import calibration_prompts
 from trainer.peak_memory import PeakMemory
-from trainer.sampling import Guidance, generate_traced
+from trainer.sampling import Guidance
 from trainer.text_following import held_out_prompts
 from trainer.trained import load_text_to_video
 
@@ -110,9 +110,7 @@ def main(argv: list[str]) -> None:
     extractor = feature_extractor("auto", run.task.autoencoder)
     real_features = extractor.features(held_out_clips(run.cfg.data, opts.prompts))
     memory = PeakMemory(torch.device("cpu"))
-    # Untimed warm-up: the first forward pays one-off costs (allocations, kernel choice).
-    generate_traced(run.model, run.task.autoencoder, prompts[:1], run.task.latent_shape, 2,
-                    opts.scale, opts.seed)
+    warm_up(run, prompts[:opts.batch], opts.scale, opts.seed)
     specs = [SamplerSpec(Guidance.cfg, opts.steps, opts.scale)]
     for mode in ("block", "first_block", "teacache"):
         specs += [SamplerSpec(Guidance.cfg, opts.steps, opts.scale,

@@ -204,14 +204,19 @@ def score(spec: SamplerSpec, sampled: SampledSet, prompts: list[str],
     return row
 
 
+def warm_up(run: TrainedRun, prompts: list[str], scale: float, seed: int) -> None:
+    """An untimed 2-step sample of ``prompts`` (one timed batch): the first forward at a
+    batch size pays one-off costs (allocations, kernel choice) the timed rows must not."""
+    generate_traced(run.model, run.task.autoencoder, prompts, run.task.latent_shape, 2, scale,
+                    seed)
+
+
 def evaluate_samplers(run: TrainedRun, samplers: list[SamplerSpec], reference: SamplerSpec,
                       prompts: list[str], real: torch.Tensor, extractor: FeatureExtractor,
                       seed: int, batch: int, memory: PeakMemory) -> list[dict]:
     """Rows for the reference, each sampler and the real clips (judged only); every
     sampler gets the same noise per prompt."""
-    # Untimed warm-up: the first forward pays one-off costs (allocations, kernel choice).
-    generate_traced(run.model, run.task.autoencoder, prompts[:1], run.task.latent_shape, 2,
-                    reference.scale, seed)
+    warm_up(run, prompts[:batch], reference.scale, seed)
     real_features = extractor.features(real)
     reference_set = sample_set(run, reference, prompts, seed, batch, memory)
     rows = [score(reference, reference_set, prompts, None, None, real_features, extractor)]
