@@ -56,6 +56,8 @@ class Options:
     minutes: float = 20.0
     steps: int = 3
     shift: float = 0.75
+    target: str = "shifted_reconstruction"  # or teacher_trajectory (recipe.target)
+    teacher_steps: int = 8          # recipe.teacher_steps of the teacher_trajectory target
     lr: float = 3.0e-4
     warmup_steps: int = 5
     ema_decay: float = 0.95         # a run of ~100 steps: the EMA must follow within it
@@ -74,7 +76,9 @@ def train_command(opts: Options) -> list[str]:
     shape = [o for o in saved if o.startswith(SHAPE_KEYS) and not o.startswith("data.judge")]
     return [sys.executable, "-m", "trainer.train", "experiment=distill_tiny",
             f"hydra.run.dir={opts.student_dir}", *shape, f"trainer.init_from={opts.teacher}",
-            f"recipe.steps={opts.steps}", f"recipe.shift={opts.shift}", f"recipe.lr={opts.lr}",
+            f"recipe.steps={opts.steps}", f"recipe.shift={opts.shift}",
+            f"recipe.target={opts.target}", f"recipe.teacher_steps={opts.teacher_steps}",
+            f"recipe.lr={opts.lr}",
             f"recipe.warmup_steps={opts.warmup_steps}", f"recipe.ema_decay={opts.ema_decay}",
             f"recipe.batch_size={opts.batch_size}", f"recipe.teacher_guidance={opts.scale}",
             "trainer.max_steps=1000000", "trainer.val_every=1000000",

@@ -13,6 +13,11 @@ training sample of backward distillation:
    estimate from (x_tau, tau) under classifier-free guidance;
 4. the loss ||x̂ - target||², the target without grad.
 
+``teacher_trajectory_target`` is a second target, ours, not the paper's: the teacher's own
+k'-step guided Euler sample from the student's state (x_i, t_i), so the student learns the
+teacher's noise-to-video map from the inputs it meets when it samples (backward
+distillation's inputs, a trajectory-matching target).
+
 The shift: the noise level of tau is ``shift`` times the noise level of t,
 1 - tau = shift * (1 - t), shift in (0, 1]. At the first step (pure noise) the teacher
 sees x̂ under noise level ``shift`` and may move its layout; at later steps less noise
@@ -98,6 +103,20 @@ def shifted_reconstruction_target(teacher: VelocityFn, flow: FlowMatching,
     tau = shifted_time(t, shift)
     x_tau = flow.interpolate(noise, student_data.detach(), tau)
     return flow.predicted_data(x_tau, teacher(x_tau, tau).to(x_tau.dtype), tau)
+
+
+@torch.no_grad()
+def teacher_trajectory_target(teacher: VelocityFn, x: torch.Tensor, t: torch.Tensor,
+                              steps: int) -> torch.Tensor:
+    """The teacher's own sample from the student's state: Euler from ``x`` (B, C, T, H, W)
+    at ``t`` (B,) to data (t = 1) over ``steps`` steps of the linear-quadratic schedule
+    rescaled into [t, 1] per sample; (B, C, T, H, W), without grad."""
+    fractions = default_times(steps).to(x.device, torch.float32)
+    shape = (-1, *[1] * (x.dim() - 1))
+    for j in range(steps):
+        t_now, t_next = t + (1 - t) * fractions[j], t + (1 - t) * fractions[j + 1]
+        x = x + (t_next - t_now).view(shape) * teacher(x, t_now).to(x.dtype)
+    return x
 
 
 def reconstruction_loss(student_data: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,7 @@ from models.distill import (
     reconstruction_loss,
     shifted_reconstruction_target,
     shifted_time,
+    teacher_trajectory_target,
 )
 from models.flow import FlowMatching
 from tests.conftest import ROOT, compose_train
@@ -101,6 +102,28 @@ def test_shifted_reconstruction_target_and_loss_in_closed_form():
     away = (c + 0.1).requires_grad_()
     assert reconstruction_loss(away, shifted_reconstruction_target(
         lands_on_c, flow, away, noise, t, shift)).item() == pytest.approx(0.01, rel=1e-4)
+
+
+def test_teacher_trajectory_target_is_the_teachers_euler_sample_from_each_state():
+    """A teacher whose velocity points straight at x1 lands on x1 exactly in any number of
+    steps from any state and time; one step is one Euler step over [t, 1]; each sample
+    keeps its own t."""
+    generator = torch.Generator().manual_seed(4)
+    x, x1 = (torch.randn(3, 2, 2, 4, 4, generator=generator) for _ in range(2))
+    t = torch.tensor([0.0, 0.3, 0.9])
+
+    def straight(x_t, t_now):
+        return (x1 - x_t) / (1 - t_now).view(-1, 1, 1, 1, 1)
+
+    for steps in (1, 2, 5):
+        torch.testing.assert_close(teacher_trajectory_target(straight, x, t, steps), x1)
+    curved = lambda x_t, t_now: torch.sin(x_t) * (1 + t_now).view(-1, 1, 1, 1, 1)  # noqa: E731
+    one_step = x + (1 - t).view(-1, 1, 1, 1, 1) * curved(x, t)
+    torch.testing.assert_close(teacher_trajectory_target(curved, x, t, 1), one_step)
+    two = teacher_trajectory_target(curved, x, t, 2)
+    for b in range(3):  # a sample's result does not depend on its neighbours' times
+        alone = teacher_trajectory_target(curved, x[b:b + 1], t[b:b + 1], 2)
+        torch.testing.assert_close(two[b:b + 1], alone)
 
 
 def test_backward_inputs_are_each_samples_own_euler_trajectory():
@@ -222,10 +245,13 @@ def run_distill_steps(overrides: list[str]) -> dict:
             "weights": {n: full(p) for n, p in model.named_parameters()}}
 
 
-def test_distill_on_two_data_parallel_ranks_matches_one_process(teacher_path):
+@pytest.mark.parametrize("target", [[], ["recipe.target=teacher_trajectory",
+                                          "recipe.teacher_steps=2"]])
+def test_distill_on_two_data_parallel_ranks_matches_one_process(teacher_path, target):
     """Each rank draws different student steps for its rows, yet both run the global
-    batch's largest number of trajectory forwards: losses, gradients and weights equal."""
-    overrides = [f"trainer.init_from={teacher_path}"]
+    batch's largest number of trajectory forwards: losses, gradients and weights equal,
+    for either target."""
+    overrides = [f"trainer.init_from={teacher_path}", *target]
     expected = run_distill_steps(overrides)
     for rank, result in enumerate(run_distributed(run_distill_steps, 2,
                                                   [*overrides, "parallel.dp_shard=2"])):

@@ -11,11 +11,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from enum import Enum
 
 import torch
 
 from models.distill import check_times, default_times
 from trainer.config import ConfigError, RecipeConfig, Task, TrainConfig, check_frozen_copy
+
+
+class DistillTarget(Enum):
+    """What the student's clean estimate is pulled toward (models/distill.py)."""
+
+    shifted_reconstruction = "shifted_reconstruction"
+    teacher_trajectory = "teacher_trajectory"
 
 
 @dataclass
@@ -26,12 +34,16 @@ class DistillRecipeConfig(RecipeConfig):
     shifted reconstruction loss re-noises the student's clean estimate at step time t to
     noise level shift * (1 - t) before the teacher refines it. ``teacher_guidance``: the
     classifier-free guidance scale of the teacher's target (the scale the student then
-    reproduces without an unconditional pass)."""
+    reproduces without an unconditional pass). ``target``: ``shifted_reconstruction`` (the
+    paper's) or ``teacher_trajectory`` (the teacher's own ``teacher_steps``-step sample from
+    the student's state; models/distill.py)."""
 
     steps: int = 3
     times: list[float] = field(default_factory=list)
     shift: float = 0.75
     teacher_guidance: float = 5.0
+    target: DistillTarget = DistillTarget.shifted_reconstruction
+    teacher_steps: int = 8
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -48,6 +60,9 @@ class DistillRecipeConfig(RecipeConfig):
                 check_times(torch.tensor(self.times, dtype=torch.float64))
             except ValueError as error:
                 raise ConfigError(f"recipe.times: {error}") from None
+        if self.teacher_steps < 1:
+            raise ConfigError(f"recipe.teacher_steps={self.teacher_steps} must be >= 1 (the "
+                              f"teacher's Euler steps of recipe.target=teacher_trajectory)")
         if not 0 < self.shift <= 1:
             raise ConfigError(f"recipe.shift={self.shift} must lie in (0, 1]: the fraction of "
                               f"the step's noise level the teacher's input gets")

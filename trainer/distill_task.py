@@ -37,10 +37,11 @@ from models.distill import (
     guided,
     reconstruction_loss,
     shifted_reconstruction_target,
+    teacher_trajectory_target,
 )
 from parallel.mesh import ParallelContext
 from trainer.config import SyntheticDataConfig, TrainConfig
-from trainer.distill_config import check_distill
+from trainer.distill_config import DistillTarget, check_distill
 from trainer.draws import StepDraws
 from trainer.objective import Text, null_text_like
 from trainer.precision import autocast
@@ -79,9 +80,13 @@ class DistillTask(TextToVideoTask):
         return self.teacher
 
     def describe(self) -> str:
-        return (f"{super().describe()}; a {self.recipe.steps}-step student at times "
-                f"{[round(t, 4) for t in self.times.tolist()]}, shift {self.recipe.shift:g}, "
-                f"teacher guidance {self.recipe.teacher_guidance:g}")
+        recipe = self.recipe
+        target = (f"the teacher's {recipe.teacher_steps}-step sample from the student's state"
+                  if recipe.target is DistillTarget.teacher_trajectory
+                  else f"shifted reconstruction at shift {recipe.shift:g}")
+        return (f"{super().describe()}; a {recipe.steps}-step student at times "
+                f"{[round(t, 4) for t in self.times.tolist()]}, target: {target}, "
+                f"teacher guidance {recipe.teacher_guidance:g}")
 
     def text_and_shape(self, batch: dict[str, Any]) -> tuple[Text, tuple[int, ...]]:
         """The batch's text input (cached encodings as they are, else the captions) and
@@ -132,8 +137,11 @@ class DistillTask(TextToVideoTask):
 
             def teacher_velocity(x_t, tau):
                 return mixed(x_t, tau, both)
-        target = shifted_reconstruction_target(teacher_velocity, flow, student_data, renoise,
-                                               t, recipe.shift)
+        if recipe.target is DistillTarget.teacher_trajectory:
+            target = teacher_trajectory_target(teacher_velocity, x, t, recipe.teacher_steps)
+        else:
+            target = shifted_reconstruction_target(teacher_velocity, flow, student_data,
+                                                   renoise, t, recipe.shift)
         return reconstruction_loss(student_data, target)
 
     @torch.no_grad()
