@@ -91,7 +91,9 @@ def build_model(cfg: TrainConfig, ctx: ParallelContext) -> TextToVideo:
     built under ``zero.Init`` (each rank holds its partition of every parameter); under
     ZeRO-1/2 the model is returned whole and the engine partitions the optimizer."""
     par = cfg.parallel
-    if par.engine is Engine.deepspeed and par.zero_stage == 3:
+    # a ZeRO-3 run's training ranks; a single process reading its checkpoint (export,
+    # sample) builds the whole model
+    if par.engine is Engine.deepspeed and par.zero_stage == 3 and ctx.distributed:
         return build_zero3_model(cfg, ctx)
     model = build_meta_model(cfg)
     parallel_ctx = ctx if par.engine is Engine.fsdp2 else single_process(ctx.device)
