@@ -91,35 +91,32 @@ def build_model(cfg: TrainConfig, ctx: ParallelContext) -> TextToVideo:
     built under ``zero.Init`` (each rank holds its partition of every parameter); under
     ZeRO-1/2 the model is returned whole and the engine partitions the optimizer."""
     par = cfg.parallel
+    dtype = param_dtype(cfg, ctx.device)
     # a ZeRO-3 run's training ranks; a single process reading its checkpoint (export,
     # sample) builds the whole model
-    if par.engine is Engine.deepspeed and par.zero_stage == 3 and ctx.distributed:
-        return build_zero3_model(cfg, ctx)
-    model = build_meta_model(cfg)
+    zero3 = par.engine is Engine.deepspeed and par.zero_stage == 3 and ctx.distributed
+    model = build_zero3_modules(cfg, ctx, dtype) if zero3 else build_meta_model(cfg)
     parallel_ctx = ctx if par.engine is Engine.fsdp2 else single_process(ctx.device)
     parallelize_model(model, parallel_ctx, cp_mode=par.cp_mode.value,
                       activation_checkpointing=par.activation_checkpointing.value,
                       checkpoint_every=par.checkpoint_every, compile=par.compile,
-                      param_dtype=param_dtype(cfg, ctx.device))
-    materialise(model, ctx.device, cfg.trainer.seed)
+                      param_dtype=dtype)
+    if not zero3:
+        materialise(model, ctx.device, cfg.trainer.seed)
     return model
 
 
-def build_zero3_model(cfg: TrainConfig, ctx: ParallelContext) -> TextToVideo:
+def build_zero3_modules(cfg: TrainConfig, ctx: ParallelContext, dtype: torch.dtype
+                        ) -> TextToVideo:
+    """The modules built under ``zero.Init``, each rank's partitions already filled."""
     from parallel.deepspeed_engine import build_partitioned, ds_config
 
     par = cfg.parallel
-    dtype = param_dtype(cfg, ctx.device)
     # zero.Init reads the partitioning, offload and bf16 settings; clipping is the engine's
     config = ds_config(cfg.recipe.batch_size, ctx.dp_size, math.inf, par.zero_stage,
                        par.offload_optimizer, par.offload_params, dtype is torch.bfloat16)
-    model, _ = build_partitioned(lambda: build_modules(cfg), config, ctx.device,
-                                 cfg.trainer.seed)
-    parallelize_model(model, single_process(ctx.device), cp_mode=par.cp_mode.value,
-                      activation_checkpointing=par.activation_checkpointing.value,
-                      checkpoint_every=par.checkpoint_every, compile=par.compile,
-                      param_dtype=dtype)
-    return model
+    return build_partitioned(lambda: build_modules(cfg), config, ctx.device,
+                             cfg.trainer.seed)[0]
 
 
 def build_flow(cfg: TrainConfig) -> FlowMatching:

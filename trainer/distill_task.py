@@ -121,7 +121,7 @@ class DistillTask(TextToVideoTask):
             return draws.per_sample(stream, rows, lambda g: torch.randn(
                 (1, *shape), generator=g, device=g.device)).to(device)
 
-        noise, renoise = gaussian("noise"), gaussian("renoise")
+        noise = gaussian("noise")
         steps = self.student_steps(draws, rows)
         x = backward_inputs(lambda x_t, t: model(x_t, t, text), noise, self.times, steps,
                             forwards)
@@ -141,7 +141,7 @@ class DistillTask(TextToVideoTask):
             target = teacher_trajectory_target(teacher_velocity, x, t, recipe.teacher_steps)
         else:
             target = shifted_reconstruction_target(teacher_velocity, flow, student_data,
-                                                   renoise, t, recipe.shift)
+                                                   gaussian("renoise"), t, recipe.shift)
         return reconstruction_loss(student_data, target)
 
     @torch.no_grad()

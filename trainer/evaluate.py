@@ -37,12 +37,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from omegaconf import MISSING
 
 from data.judges import ATTRIBUTES, match_rates
 from data.synthetic import SyntheticVideos
 from models.block_cache import CacheSettings
+from parallel.mesh import ParallelContext, shutdown
 from trainer.block_cache_calibration import cache_settings
 from trainer.config import ConfigError, SyntheticDataConfig
 from trainer.frechet import FeatureExtractor, feature_extractor, frechet_distance
@@ -280,6 +280,11 @@ def sampler_table(run, samplers: list[SamplerSpec], reference_steps: int, scale:
 def evaluate(opts: EvaluateConfig) -> dict:
     """Run the evaluation and write its table (on a mesh: rank 0); -> the table as written
     to JSON."""
+    return evaluate_on_mesh(opts)[0]
+
+
+def evaluate_on_mesh(opts: EvaluateConfig) -> tuple[dict, ParallelContext]:
+    """``evaluate``, and this process's place in the sampling mesh."""
     check_split_guidance(opts.parallel, opts.guidance.value, opts.cache.value)
     run, sharding = load_on_mesh(opts.checkpoint, opts.parallel, opts.device, opts.ema)
     split_guidance(run.model.dit, sharding.ctx)
@@ -307,7 +312,7 @@ def evaluate(opts: EvaluateConfig) -> dict:
     # enums (guidance, cache, parallel.cp_mode) as their values
     table["options"] = json.loads(json.dumps(asdict(opts), default=lambda enum: enum.value))
     if not sharding.ctx.is_main:
-        return table
+        return table, sharding.ctx
     rows = table["rows"]
     output_dir = Path(opts.output_dir) if opts.output_dir else run.run_dir / "evaluation"
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -317,7 +322,7 @@ def evaluate(opts: EvaluateConfig) -> dict:
     mode = opts.wandb or run.cfg.trainer.wandb.mode.value
     if mode != "disabled":
         log_to_wandb(table, name, run, output_dir, mode)
-    return table
+    return table, sharding.ctx
 
 
 def describe(table: dict) -> str:
@@ -345,14 +350,12 @@ def main(argv: list[str]) -> None:
                                  "checkpoint=<run dir> [guidance=cfg|adaptive|linear_ag|none "
                                  "gamma=0.99 cache=none|block|first_block|teacache "
                                  "cache_threshold=0.1 steps=25 scale=5 prompts=48 ...]")
-        table = evaluate(opts)
+        table, mesh = evaluate_on_mesh(opts)
     except ConfigError as error:
         raise SystemExit(f"config error: {error}") from None
-    if dist.is_initialized():
-        is_main = dist.get_rank() == 0
-        dist.destroy_process_group()
-        if not is_main:
-            return
+    shutdown(mesh)
+    if not mesh.is_main:
+        return
     print(describe(table) + "\n\n" + markdown_table(table["rows"]))
 
 
