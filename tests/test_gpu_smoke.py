@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import step
+from bench import step, step_scale
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,7 +25,7 @@ def scale_args(**overrides) -> argparse.Namespace:
 
 
 def test_scale_plan_starts_at_dit_1b_256px_and_doubles_the_frames():
-    cases = step.scale_cases(scale_args())
+    cases = step_scale.scale_cases(scale_args())
     first = cases[0]
     assert (first.width, first.depth, first.heads, first.ffn_dim) == (1536, 24, 16, 4096)
     assert first.latent == (32, 32, 32) and first.tokens == 8192
@@ -35,7 +35,7 @@ def test_scale_plan_starts_at_dit_1b_256px_and_doubles_the_frames():
 
 
 def test_scale_plan_takes_overrides():
-    cases = step.scale_cases(scale_args(width=64, heads=2, ffn_dim=128, depth=1,
+    cases = step_scale.scale_cases(scale_args(width=64, heads=2, ffn_dim=128, depth=1,
                                         latent=[2, 8, 8], max_tokens=100))
     assert [(c.width, c.heads, c.ffn_dim, c.depth, c.tokens) for c in cases] == [
         (64, 2, 128, 1, 32), (64, 2, 128, 1, 64)]
@@ -46,15 +46,15 @@ def test_scale_plan_takes_overrides():
                                           ("NVIDIA A100-SXM4-80GB", 312.0)])
 def test_gpu_peak_is_matched_on_the_device_name(monkeypatch, name, tflops):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
-    peak, source = step.gpu_peak_flops(torch.device("cuda"), None)
+    peak, source = step_scale.gpu_peak_flops(torch.device("cuda"), None)
     assert peak == tflops * 1e12 and "parallel.plan.GPUS" in source
 
 
 def test_unknown_gpu_asks_for_its_peak(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA L4")
     with pytest.raises(SystemExit, match="--peak-tflops"):
-        step.gpu_peak_flops(torch.device("cuda"), None)
-    assert step.gpu_peak_flops(torch.device("cuda"), 121.0)[0] == 121e12
+        step_scale.gpu_peak_flops(torch.device("cuda"), None)
+    assert step_scale.gpu_peak_flops(torch.device("cuda"), 121.0)[0] == 121e12
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
