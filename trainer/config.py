@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import Any, ClassVar
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, MissingMandatoryValue, OmegaConf
@@ -119,6 +119,9 @@ class SyntheticDataConfig:
     # loader processes that build and collate the training batches (0: the training
     # process builds them); the order and the resume position do not depend on it
     num_workers: int = 2
+    # keys of this data option a resumed run may change (trainer.resume_settings): here the
+    # loader workers, which only decide where clips are built
+    resumable: ClassVar[tuple[str, ...]] = ("num_workers",)
 
     def __post_init__(self) -> None:
         if self.num_workers < 0:

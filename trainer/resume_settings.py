@@ -22,7 +22,7 @@ from typing import Any
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
-from trainer.config import ConfigError, SyntheticDataConfig, TrainConfig
+from trainer.config import ConfigError, TrainConfig
 from trainer.run_config import (
     CONFIG_KEY,
     OVERRIDES_KEY,
@@ -112,12 +112,11 @@ def changed_settings(stored: dict[str, Any], current: dict[str, Any]
 
 
 def may_change(key: str, cfg: TrainConfig) -> bool:
-    # Synthetic clips are built by loader workers in the sampler's order, so their count
-    # is a speed knob; webdataset shards are dealt to the workers, so there it is part of
-    # the data position.
-    if key == "data.num_workers" and isinstance(cfg.data, SyntheticDataConfig):
-        return True
-    return any(fnmatchcase(key, pattern) for pattern in MAY_CHANGE)
+    """MAY_CHANGE, plus the keys the run's data option lists as ``resumable`` (synthetic
+    clips come in the sampler's order whatever builds them; webdataset shards are dealt to
+    the loader workers, so there their count is part of the data position)."""
+    data_keys = {f"data.{name}" for name in getattr(type(cfg.data), "resumable", ())}
+    return key in data_keys or any(fnmatchcase(key, pattern) for pattern in MAY_CHANGE)
 
 
 def check_resume(cfg: TrainConfig, checkpoint: Path | None) -> list[str]:
