@@ -31,15 +31,22 @@ def _worker(rank: int, fn, world_size: int, port: int, out_dir: str, args: tuple
                        "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
                        "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"})
     torch.set_num_threads(1)
+    finished = False
     try:
         result = fn(*args)
         torch.save({"ok": result}, Path(out_dir) / f"rank{rank}.pt")
+        finished = True
     except BaseException:
         torch.save({"error": traceback.format_exc()}, Path(out_dir) / f"rank{rank}.pt")
         raise
     finally:
         import torch.distributed as dist
         if dist.is_initialized():
+            # Tear gloo down only once every rank is done: a rank that destroyed its group
+            # while its peer was still finishing was seen to abort the peer on a loaded
+            # machine ("terminate called without an active exception", SIGABRT).
+            if finished:
+                dist.barrier()
             dist.destroy_process_group()
 
 
