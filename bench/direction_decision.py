@@ -24,7 +24,8 @@ from omegaconf import MISSING, OmegaConf
 
 from data.judges import NONE, judge_motion
 from data.synthetic import SyntheticVideos
-from models.sampler import GuidedVelocity, euler_sample, linear_quadratic_schedule
+from models.sampler import linear_quadratic_schedule
+from trainer.sampling import generate_traced
 from trainer.trained import load_text_to_video
 
 OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
@@ -47,18 +48,13 @@ def with_direction(caption: str, direction: str) -> str:
     return " ".join(words)
 
 
-@torch.no_grad()
 def sample_from(run, x_t: torch.Tensor, t0: float, prompts: list[str], steps: int,
                 guidance: float) -> list[tuple[str, str]]:
     """Sample from x_t at t0 with ``prompts``; the judged (direction, speed) per video."""
-    model = run.model
-    context, mask = model.text(prompts)
-    null_context, null_mask = model.text([""] * len(prompts))
-    velocity = GuidedVelocity(model.dit, context, mask, null_context, null_mask, guidance, "cfg",
-                              0.99, None)
     full = linear_quadratic_schedule(steps)
     times = torch.cat([torch.tensor([t0], dtype=torch.float64), full[full > t0]])
-    videos = run.task.autoencoder.decode(euler_sample(velocity, x_t, times)).clamp(-1, 1)
+    videos, _ = generate_traced(run.model, run.task.autoencoder, prompts, tuple(x_t.shape[1:]),
+                                len(times) - 1, guidance, seed=0, times=times, start=x_t)
     return [judge_motion(video) for video in videos]
 
 

@@ -45,19 +45,21 @@ def generate_traced(model: TextToVideo, autoencoder: nn.Module, prompts: list[st
                     latent_shape: tuple[int, int, int, int], steps: int,
                     guidance_scale: float, seed: int, guidance: Guidance | str = Guidance.cfg,
                     threshold: float = 0.99, linear: torch.Tensor | None = None,
-                    times: torch.Tensor | None = None, cache: CacheSettings | None = None
-                    ) -> tuple[torch.Tensor, GuidanceTrace]:
+                    times: torch.Tensor | None = None, cache: CacheSettings | None = None,
+                    start: torch.Tensor | None = None) -> tuple[torch.Tensor, GuidanceTrace]:
     """prompts -> (videos (B, 3, T, H, W) in [-1, 1], what guidance did per sample); the
     same seed gives the same videos. ``threshold`` is adaptive guidance's cosine bound,
     ``linear`` LinearAG's (steps, 3) coefficients, ``times`` the (steps + 1,) Euler times
     (default: the linear-quadratic schedule; a distilled student's own times), ``cache``
-    which DiT blocks may be reused between steps (``models.block_cache``; default none).
-    The trace counts the blocks each sample ran."""
+    which DiT blocks may be reused between steps (``models.block_cache``; default none),
+    ``start`` the (B, *latent_shape) latent at ``times[0]`` (default: the seed's noise; a
+    noised clip to sample on from a later time). The trace counts the blocks each sample ran."""
     device = next(model.parameters()).device
     context, mask = model.text(prompts)
     null_context, null_mask = model.text([""] * len(prompts))
-    generator = torch.Generator().manual_seed(seed)
-    noise = torch.randn((len(prompts), *latent_shape), generator=generator).to(device)
+    if start is None:
+        generator = torch.Generator().manual_seed(seed)
+        start = torch.randn((len(prompts), *latent_shape), generator=generator)
     velocity = GuidedVelocity(model.dit, context, mask, null_context, null_mask,
                               guidance_scale, Guidance(guidance).value, threshold, linear)
     if times is None:
@@ -66,7 +68,7 @@ def generate_traced(model: TextToVideo, autoencoder: nn.Module, prompts: list[st
         raise ValueError(f"{len(times)} sampling times do not make {steps} steps")
     block_cache = (cache or CacheSettings()).new_cache()
     with nullcontext() if block_cache.mode == "none" else block_cache.attached(model.dit):
-        latent = euler_sample(velocity, noise, times)
+        latent = euler_sample(velocity, start.to(device), times)
     trace = velocity.trace()
     if block_cache.mode == "none":
         blocks = trace.nfe * len(model.dit.blocks)
