@@ -32,7 +32,7 @@ class Options:
     checkpoint: str = MISSING
     prompts: int = 48
     steps: int = 25
-    guidance_scales: list[float] = field(default_factory=lambda: [1.0, 5.0])
+    guidance_scales: list[float] = field(default_factory=lambda: [3.0, 1.0, 5.0])
     batch: int = 8
     seed: int = 1234
     sheet: str | None = None

@@ -62,7 +62,7 @@ def test_cross_group_checks_name_both_sides():
     cfg = compose_train(["data.width=31"])
     with pytest.raises(ConfigError, match="data frames/height/width=8/32/31"):
         check_latent_fits(cfg, build_autoencoder(cfg, "cpu"))
-    cfg = compose_train(["model.max_patches_t=4"])
+    cfg = compose_train(["model.patch_t=1", "model.max_patches_t=4"])
     with pytest.raises(ConfigError, match="exceeds model.max_patches_t=4"):
         check_latent_fits(cfg, build_autoencoder(cfg, "cpu"))
 

@@ -334,7 +334,7 @@ def test_dpo_run_through_the_cli_logs_preference_metrics_and_freezes_the_referen
              "text.encoders.byte.ffn_dim=128", "trainer.progress=false"]
     pretrained = tmp_path / "pretrained"
     run(python_cmd("trainer.train", f"hydra.run.dir={pretrained}", "experiment=t2v_tiny",
-                   *small, "data.frames=4", "data.height=16", "data.width=16",
+                   *small, "model.patch_t=1", "data.frames=4", "data.height=16", "data.width=16",
                    "recipe.batch_size=4", "trainer.max_steps=2", "trainer.ckpt_every=2",
                    "trainer.val_every=2", "trainer.val_batches=1", "data.val_samples=4",
                    "data.judge_prompts=0", "trainer.wandb.mode=disabled",
