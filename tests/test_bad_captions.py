@@ -42,7 +42,7 @@ def test_the_shard_loader_skips_and_counts_a_lone_surrogate(tmp_path):
 def test_precompute_skips_and_counts_a_lone_surrogate(tmp_path):
     path = surrogate_shard(tmp_path)
     cfg = compose_train(["data=webdataset", f"data.shards={path}", "data.sizes=[[32,32]]",
-                         "data.durations=[4,8]", "data.batch_sizes=[2,2]",
+                         "data.durations=[4,8]", "model=dit_tiny", "data.batch_sizes=[2,2]",
                          "data.image_batch_size=2", "data.fps=8", "data.num_workers=0",
                          "trainer.progress=false"])
     counts = precompute(cfg, str(tmp_path / "cache"), batch=2)

@@ -26,7 +26,7 @@ from trainer.train import train
 QUICK = ["trainer.max_steps=1", "trainer.val_batches=1", "trainer.sample_steps=2",
          "trainer.wandb.mode=disabled", "trainer.progress=false"]
 SMALL_DIT = ["model.depth=1", "model.width=32", "model.heads=2", "model.ffn_dim=64",
-             "model.patch_t=1", "text.encoders.byte.dim=32", "text.encoders.byte.depth=1",
+             "model=dit_tiny", "text.encoders.byte.dim=32", "text.encoders.byte.depth=1",
              "text.encoders.byte.ffn_dim=64"]
 T2V = [*SMALL_DIT, "data.frames=2", "data.height=8", "data.width=8", "data.num_samples=16",
        "data.val_samples=4", "data.judge_prompts=0", "recipe.batch_size=2",

@@ -33,7 +33,7 @@ from tests.distributed import run_distributed
 
 BASE = ["experiment=t2v_tiny", "model.width=32", "model.depth=2", "model.heads=4",
         "model.ffn_dim=48", "text.encoders.byte.dim=32", "text.encoders.byte.depth=1",
-        "text.encoders.byte.ffn_dim=48", "model.patch_t=1", "data.frames=2",
+        "text.encoders.byte.ffn_dim=48", "model=dit_tiny", "data.frames=2",
         "data.height=8", "data.width=8",
         "recipe.batch_size=4", "recipe.warmup_steps=10", "recipe.lr=1e-3",
         "recipe.weight_decay=0.1", "recipe.grad_clip=0.05", "recipe.caption_dropout=0.25",

@@ -107,7 +107,7 @@ def test_map_tensors_reaches_nested_tensors_only():
 
 
 def test_training_batches_use_the_configured_workers_and_resume_exactly():
-    overrides = ["experiment=t2v_tiny", "data.num_samples=40", "model.patch_t=1", "data.frames=2",
+    overrides = ["experiment=t2v_tiny", "data.num_samples=40", "model=dit_tiny", "data.frames=2",
                  "data.height=8", "data.width=8", "recipe.batch_size=4"]
     cfg = compose_train([*overrides, "data.num_workers=2"])
     ctx = single_process(torch.device("cpu"))

@@ -16,7 +16,7 @@ from tests.test_train_e2e import QUIET, TINY, run, train_cmd, train_losses
 pytestmark = pytest.mark.slow
 
 # 3 frames of 16 x 16: 3 x 4 x 4 = 48 tokens per sample
-MESH = ["model.patch_t=1", "data.frames=3", "trainer.ckpt_every=3", "trainer.val_every=100"]
+MESH = ["model=dit_tiny", "data.frames=3", "trainer.ckpt_every=3", "trainer.val_every=100"]
 
 
 def torchrun_cmd(processes: int, run_dir, *overrides):

@@ -30,7 +30,7 @@ from trainer.train import train
 
 TINY = ["model.depth=2", "model.width=32", "model.heads=4", "model.ffn_dim=64",
         "text.encoders.byte.dim=32", "text.encoders.byte.depth=1",
-        "text.encoders.byte.ffn_dim=64", "model.patch_t=1", "data.frames=2",
+        "text.encoders.byte.ffn_dim=64", "model=dit_tiny", "data.frames=2",
         "data.height=8", "data.width=8",
         "data.num_samples=16", "data.num_workers=0", "data.val_samples=0", "data.judge_prompts=0",
         "recipe.batch_size=2", "trainer.max_steps=2", "trainer.sample_prompts=[]",

@@ -20,7 +20,7 @@ from tests.distributed import run_distributed
 BASE = ["experiment=t2v_tiny", "model.width=32", "model.depth=2", "model.heads=4",
         "model.ffn_dim=48", "text.encoders.byte.dim=32", "text.encoders.byte.depth=1",
         "text.encoders.byte.ffn_dim=48", "text.encoders.byte.trainable=true",
-        "model.patch_t=1", "data.frames=3", "data.height=12", "data.width=4", "recipe.batch_size=4",
+        "model=dit_tiny", "data.frames=3", "data.height=12", "data.width=4", "recipe.batch_size=4",
         "recipe.warmup_steps=2", "recipe.lr=1e-3", "recipe.grad_clip=0.5",
         "recipe.caption_dropout=0.25", "trainer.wandb.mode=disabled"]
 # Weights after STEPS AdamW steps. Zero-initialised parameters (adaLN-zero, the

@@ -140,7 +140,7 @@ def tae_overrides(tae_file, *pixel: str) -> list[str]:
     return ["experiment=t2v_tiny", "autoencoder=tae_tiny", f"autoencoder.checkpoint={tae_file}",
             "model.in_channels=8", "model.width=32", "model.depth=2", "model.heads=4",
             "model.ffn_dim=48", "text.encoders.byte.dim=32", "text.encoders.byte.depth=1",
-            "text.encoders.byte.ffn_dim=48", "model.patch_t=1", "data.frames=12", "data.height=24",
+            "text.encoders.byte.ffn_dim=48", "model=dit_tiny", "data.frames=12", "data.height=24",
             "data.width=8", "recipe.batch_size=4", "trainer.wandb.mode=disabled",
             *[f"recipe.pixel_loss.{setting}" for setting in pixel]]
 
@@ -282,7 +282,7 @@ def mesh_overrides(tae_file) -> list[str]:
     pads, tp's sequence shards are uneven) and a pixel loss on a 2-frame, 16 x 4 px window
     per sample with the decoder checkpointed."""
     return ["autoencoder=tae_tiny", f"autoencoder.checkpoint={tae_file}",
-            "model.in_channels=8", "model.patch_t=1", "data.frames=12",
+            "model.in_channels=8", "model=dit_tiny", "data.frames=12",
             "data.height=24", "data.width=8",
             "recipe.pixel_loss.weight=8", "recipe.pixel_loss.frames=2",
             "recipe.pixel_loss.crop=[16,4]", "recipe.pixel_loss.checkpointing=true"]

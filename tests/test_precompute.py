@@ -32,7 +32,7 @@ from trainer.train import train
 pytestmark = pytest.mark.slow
 
 GRID = ["data.sizes=[[32,32],[32,64]]", "data.durations=[4,8]", "data.batch_sizes=[2,2]",
-        "data.image_batch_size=2", "data.fps=8", "data.num_workers=0"]
+        "data.image_batch_size=2", "data.fps=8", "data.num_workers=0", "model=dit_tiny"]
 SMALL = ["model.depth=2", "model.width=64", "model.heads=4", "model.ffn_dim=128",
          "text.encoders.byte.dim=64", "text.encoders.byte.depth=1",
          "text.encoders.byte.ffn_dim=128", "trainer.progress=false"]

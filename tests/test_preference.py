@@ -238,7 +238,8 @@ def pair_samples(tmp_path) -> list[dict]:
     ]
 
 
-GRID = ["data.sizes=[[16,16]]", "data.durations=[4]", "data.fps=8", "data.num_workers=0"]
+GRID = ["data.sizes=[[16,16]]", "data.durations=[4]", "data.fps=8", "data.num_workers=0",
+        "model=dit_tiny"]
 SKIPS = {"missing_side": 2, "identical_sides": 1, "tie": 1, "missing_label": 1,
          "bad_label": 1}
 
@@ -334,7 +335,7 @@ def test_dpo_run_through_the_cli_logs_preference_metrics_and_freezes_the_referen
              "text.encoders.byte.ffn_dim=128", "trainer.progress=false"]
     pretrained = tmp_path / "pretrained"
     run(python_cmd("trainer.train", f"hydra.run.dir={pretrained}", "experiment=t2v_tiny",
-                   *small, "model.patch_t=1", "data.frames=4", "data.height=16", "data.width=16",
+                   *small, "model=dit_tiny", "data.frames=4", "data.height=16", "data.width=16",
                    "recipe.batch_size=4", "trainer.max_steps=2", "trainer.ckpt_every=2",
                    "trainer.val_every=2", "trainer.val_batches=1", "data.val_samples=4",
                    "data.judge_prompts=0", "trainer.wandb.mode=disabled",

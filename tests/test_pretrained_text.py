@@ -22,7 +22,7 @@ from tests.distributed import run_distributed
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 CAPTIONS = ["a red square moving left", "the cat", "", "a green triangle"]
 TINY = ["experiment=t2v_tiny", "model.width=32", "model.depth=2", "model.heads=4",
-        "model.ffn_dim=48", "model.patch_t=1", "data.frames=3", "data.height=12", "data.width=4",
+        "model.ffn_dim=48", "model=dit_tiny", "data.frames=3", "data.height=12", "data.width=4",
         "trainer.wandb.mode=disabled"]
 
 

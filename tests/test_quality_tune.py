@@ -183,7 +183,7 @@ def test_bad_values_name_the_key(overrides, message):
 # to the floor; the third bad validation, at step 8, stops the run.
 STOPPING = ["model.depth=1", "model.width=64", "model.heads=4", "model.ffn_dim=128",
             "text.encoders.byte.dim=64", "text.encoders.byte.depth=1",
-            "text.encoders.byte.ffn_dim=128", "model.patch_t=1", "data.frames=4", "data.height=16",
+            "text.encoders.byte.ffn_dim=128", "model=dit_tiny", "data.frames=4", "data.height=16",
             "data.width=16", "data.val_samples=8", "recipe=quality_tune",
             "recipe.batch_size=4", "recipe.lr=1e-8", "recipe.warmup_steps=0",
             "recipe.schedule=plateau", "recipe.plateau.patience=1",

@@ -118,7 +118,8 @@ def test_val_batches_read_every_val_shard_in_a_fixed_order(tmp_path, clips):
     cfg = compose_train(["data=webdataset", f"data.shards='{train}'",
                          f"data.val_shards='{tmp_path}/val/{{000000..000001}}.tar'",
                          "data.sizes=[[16,16],[16,32],[32,16]]", "data.durations=[4,8]",
-                         "data.batch_sizes=[2,2]", "data.image_batch_size=2", "data.fps=8"])
+                         "data.batch_sizes=[2,2]", "data.image_batch_size=2", "data.fps=8",
+                         "model=dit_tiny"])
     val_batches = build_val_batches(cfg)
     runs = [list(val_batches()) for _ in range(2)]
     keys = [[k for b in run for k in b["key"]] for run in runs]

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 
 TINY = ["model.depth=2", "model.width=64", "model.heads=4", "model.ffn_dim=128",
         "text.encoders.byte.dim=64", "text.encoders.byte.depth=1",
-        "text.encoders.byte.ffn_dim=128", "model.patch_t=1", "data.frames=4",
+        "text.encoders.byte.ffn_dim=128", "model=dit_tiny", "data.frames=4",
         "data.height=16", "data.width=16",
         "data.num_samples=2000", "data.val_samples=8", "recipe.batch_size=4",
         "recipe.warmup_steps=5", "recipe.lr=1e-3", "trainer.val_every=10",

@@ -27,7 +27,7 @@ def shard_cmd(run_dir, pattern, *overrides):
                       "data=webdataset", f"data.shards='{pattern}'",
                       "data.sizes=[[16,16],[16,32],[32,16]]", "data.durations=[4,8]",
                       "data.batch_sizes=[2,2]", "data.image_batch_size=2", "data.fps=8",
-                      "data.num_workers=0", *SMALL, *QUIET, *overrides)
+                      "data.num_workers=0", "model=dit_tiny", *SMALL, *QUIET, *overrides)
 
 
 def test_trains_from_shards_counts_bad_samples_and_resumes_exactly(tmp_path):

@@ -14,7 +14,7 @@ from trainer.train import NonFiniteGuard
 
 SMALL = ["model.depth=3", "model.width=32", "model.heads=2", "model.ffn_dim=64",
          "text.encoders.byte.dim=32", "text.encoders.byte.depth=1",
-         "text.encoders.byte.ffn_dim=64", "model.patch_t=1", "data.frames=2",
+         "text.encoders.byte.ffn_dim=64", "model=dit_tiny", "data.frames=2",
          "data.height=8", "data.width=8"]
 
 
