@@ -30,7 +30,9 @@ TINY_TEXT = ["text.encoders.byte.dim=32", "text.encoders.byte.depth=1",
 
 
 def compose(overrides: list[str]):
-    """The validated TrainConfig of ``experiment=t2v_tiny`` plus ``overrides``."""
+    """The validated TrainConfig of ``experiment=t2v_tiny`` plus ``overrides``, on the
+    per-frame ``model=dit_tiny`` unless they pick a model: the benches' latents have any
+    frame count, and t2v_tiny's own tokens span 8 frames."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
@@ -39,8 +41,9 @@ def compose(overrides: list[str]):
 
     register_configs()
     with initialize_config_dir(version_base=None, config_dir=str(CONF_DIR)):
+        model = [] if any(o.startswith("model=") for o in overrides) else ["model=dit_tiny"]
         return to_train_config(hydra_compose("train", overrides=["experiment=t2v_tiny",
-                                                                 *overrides]))
+                                                                 *model, *overrides]))
 
 
 def start(cfg, world: int):

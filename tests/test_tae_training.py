@@ -141,7 +141,7 @@ def test_tae_cli_trains_validates_resumes_and_feeds_the_dit(tmp_path):
     dit_dir = tmp_path / "dit"
     run(python_cmd("trainer.train", f"hydra.run.dir={dit_dir}", "experiment=t2v_tiny",
                    "autoencoder=tae_tiny", f"autoencoder.checkpoint={weights}",
-                   "model.in_channels=8",
+                   "model=dit_tiny", "model.in_channels=8",
                    "model.depth=2", "model.width=64", "model.heads=4", "model.ffn_dim=128",
                    "recipe.batch_size=4", "trainer.max_steps=3", "trainer.sample_steps=2",
                    "trainer.val_batches=1", "trainer.progress=false",
