@@ -32,7 +32,8 @@ class Options:
     checkpoint: str = MISSING
     prompts: int = 48
     steps: int = 25
-    guidance_scales: list[float] = field(default_factory=lambda: [3.0, 1.0, 5.0])
+    # []: the run's own trainer.guidance_scale (what make train samples with), then 1 and 5
+    guidance_scales: list[float] = field(default_factory=list)
     batch: int = 8
     seed: int = 1234
     sheet: str | None = None
@@ -46,14 +47,16 @@ def main(argv: list[str]) -> None:
                                                         OmegaConf.from_cli(argv)))
     run = load_text_to_video(Path(opts.checkpoint), torch.device("cpu"))
     prompts = held_out_prompts(run.cfg.data, opts.prompts)
+    scales = opts.guidance_scales or list(dict.fromkeys([run.cfg.trainer.guidance_scale, 1.0,
+                                                         5.0]))
     rows = []
-    for scale in opts.guidance_scales:
+    for scale in scales:
         start = time.perf_counter()
         videos, rates = sample_and_judge(run.model, run.task.autoencoder, prompts,
                                          run.task.latent_shape, opts.steps, scale, opts.seed,
                                          opts.batch)
         rows.append((f"prompt, guidance {scale:g}", rates, time.perf_counter() - start))
-        if opts.sheet and scale == opts.guidance_scales[0]:
+        if opts.sheet and scale == scales[0]:
             write_contact_sheet(opts.sheet, videos[: opts.sheet_rows],
                                 prompts[: opts.sheet_rows])
     if opts.prior:  # videos drawn with no text, judged against the held-out prompts' words
