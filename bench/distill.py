@@ -64,7 +64,8 @@ class Options:
     warmup_steps: int = 5
     ema_decay: float = 0.99
     batch_size: int = 4
-    scale: float = 3.0              # make train's guidance: the teacher's, in training and table
+    # the teacher's guidance, in training and the table (None: the teacher run's own)
+    scale: float | None = None
     reference_steps: int = 50
     prompts: int = 48
     seed: int = 1234
@@ -119,6 +120,9 @@ def loss_trend(student_dir: str) -> tuple[int, float, float]:
 def main(argv: list[str]) -> None:
     opts: Options = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Options),
                                                         OmegaConf.from_cli(argv)))
+    if opts.scale is None:
+        opts.scale = OmegaConf.load(Path(opts.teacher) / ".hydra" / "config.yaml"
+                                    ).trainer.guidance_scale
     if opts.minutes > 0:
         train(opts)
     cpu = torch.device("cpu")
