@@ -23,7 +23,7 @@ from omegaconf import MISSING, OmegaConf
 from data.judges import caption_judgement, judge_shape
 from data.synthetic import SHAPES, SyntheticVideos
 from models.flow import FlowMatching
-from trainer.trained import load_text_to_video
+from trainer.trained import TrainedRun, load_text_to_video
 
 
 @dataclass
@@ -36,26 +36,26 @@ class Options:
 
 
 @torch.no_grad()
-def restored_shapes(opts: Options) -> dict[float, dict[str, tuple[int, int]]]:
+def restored_shapes(run: TrainedRun, clips: int, times: list[float], batch: int = 16,
+                    seed: int = 0) -> dict[float, dict[str, tuple[int, int]]]:
     """t -> shape name -> (restorations judged as that shape, clips of that shape)."""
-    run = load_text_to_video(Path(opts.checkpoint), torch.device("cpu"))
     data = run.cfg.data
-    val = SyntheticVideos(opts.clips, data.frames, data.height, data.width, data.fps,
-                          data.seed, split="val")
-    captions = [val.spec(i).caption for i in range(opts.clips)]
+    val = SyntheticVideos(clips, data.frames, data.height, data.width, data.fps, data.seed,
+                          split="val")
+    captions = [val.spec(i).caption for i in range(clips)]
     wanted = [caption_judgement(caption).shape for caption in captions]
-    clean = run.task.autoencoder.encode(torch.stack([val[i]["video"] for i in range(opts.clips)]))
-    noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(opts.seed))
+    clean = run.task.autoencoder.encode(torch.stack([val[i]["video"] for i in range(clips)]))
+    noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(seed))
     context, mask = run.model.text(captions)
     flow = FlowMatching(sigma_min=run.cfg.recipe.sigma_min)
     table = {}
-    for t in opts.times:
-        time = torch.full((opts.clips,), float(t))
+    for t in times:
+        time = torch.full((clips,), float(t))
         noisy = flow.interpolate(noise, clean, time)
         velocity = torch.cat([
-            run.model.dit(noisy[i: i + opts.batch], time[i: i + opts.batch],
-                          context[i: i + opts.batch], mask[i: i + opts.batch])
-            for i in range(0, opts.clips, opts.batch)])
+            run.model.dit(noisy[i: i + batch], time[i: i + batch], context[i: i + batch],
+                          mask[i: i + batch])
+            for i in range(0, clips, batch)])
         videos = run.task.autoencoder.decode(flow.predicted_data(noisy, velocity, time))
         seen = [judge_shape(video) for video in videos.clamp(-1, 1)]
         table[t] = {shape: (sum(w == s == shape for w, s in zip(wanted, seen, strict=True)),
@@ -66,7 +66,8 @@ def restored_shapes(opts: Options) -> dict[float, dict[str, tuple[int, int]]]:
 def main(argv: list[str]) -> None:
     opts: Options = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Options),
                                                         OmegaConf.from_cli(argv)))
-    table = restored_shapes(opts)
+    run = load_text_to_video(Path(opts.checkpoint), torch.device("cpu"))
+    table = restored_shapes(run, opts.clips, opts.times, opts.batch, opts.seed)
     print(f"\nShape of one-step restorations of {opts.clips} held-out clips from "
           f"{opts.checkpoint}, noise seed {opts.seed}\n")
     print("| t | " + " | ".join(SHAPES) + " |")
