@@ -41,9 +41,10 @@ from trainer.evaluate import (
 )
 from trainer.frechet import feature_extractor
 from trainer.peak_memory import PeakMemory
+from trainer.run_config import checkpoint_metadata, config_from_metadata
 from trainer.sampling import Guidance
 from trainer.text_following import held_out_prompts
-from trainer.trained import load_text_to_video
+from trainer.trained import load_text_to_video, locate_checkpoint
 
 # the teacher run's overrides that shape the model and its data (the student must match)
 SHAPE_KEYS = ("model.", "data.", "text.", "autoencoder.")
@@ -121,8 +122,9 @@ def main(argv: list[str]) -> None:
     opts: Options = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Options),
                                                         OmegaConf.from_cli(argv)))
     if opts.scale is None:
-        opts.scale = OmegaConf.load(Path(opts.teacher) / ".hydra" / "config.yaml"
-                                    ).trainer.guidance_scale
+        run_dir, step_dir = locate_checkpoint(Path(opts.teacher), "teacher")
+        opts.scale = config_from_metadata(checkpoint_metadata(run_dir, step_dir)
+                                          ).trainer.guidance_scale
     if opts.minutes > 0:
         train(opts)
     cpu = torch.device("cpu")

@@ -18,12 +18,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING
 
 from data.judges import caption_judgement, judge_shape
-from data.synthetic import SHAPES, SyntheticVideos
+from data.synthetic import SHAPES
 from models.flow import FlowMatching
+from trainer.evaluate import held_out_clips
+from trainer.run_config import parse_cli_options
+from trainer.text_following import held_out_prompts
 from trainer.trained import TrainedRun, load_text_to_video
+
+USAGE = "python bench/restoration.py checkpoint=RUN [clips=96 times=[0.3,0.5] batch=16 seed=0]"
 
 
 @dataclass
@@ -39,12 +44,9 @@ class Options:
 def restored_shapes(run: TrainedRun, clips: int, times: list[float], batch: int = 16,
                     seed: int = 0) -> dict[float, dict[str, tuple[int, int]]]:
     """t -> shape name -> (restorations judged as that shape, clips of that shape)."""
-    data = run.cfg.data
-    val = SyntheticVideos(clips, data.frames, data.height, data.width, data.fps, data.seed,
-                          split="val")
-    captions = [val.spec(i).caption for i in range(clips)]
+    captions = held_out_prompts(run.cfg.data, clips)
     wanted = [caption_judgement(caption).shape for caption in captions]
-    clean = run.task.autoencoder.encode(torch.stack([val[i]["video"] for i in range(clips)]))
+    clean = run.task.autoencoder.encode(held_out_clips(run.cfg.data, clips))
     noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(seed))
     context, mask = run.model.text(captions)
     flow = FlowMatching(sigma_min=run.cfg.recipe.sigma_min)
@@ -64,8 +66,7 @@ def restored_shapes(run: TrainedRun, clips: int, times: list[float], batch: int 
 
 
 def main(argv: list[str]) -> None:
-    opts: Options = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Options),
-                                                        OmegaConf.from_cli(argv)))
+    opts: Options = parse_cli_options(Options, argv, "bench/restoration.py", USAGE)
     run = load_text_to_video(Path(opts.checkpoint), torch.device("cpu"))
     table = restored_shapes(run, opts.clips, opts.times, opts.batch, opts.seed)
     print(f"\nShape of one-step restorations of {opts.clips} held-out clips from "

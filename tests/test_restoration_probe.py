@@ -10,10 +10,12 @@ import torch
 
 from bench.restoration import restored_shapes
 from data.judges import caption_judgement
-from data.synthetic import SHAPES, SyntheticVideos
+from data.synthetic import SHAPES
 from models.autoencoder import IdentityAutoencoder
 from models.flow import FlowMatching
 from tests.conftest import compose_train
+from trainer.evaluate import held_out_clips
+from trainer.text_following import held_out_prompts
 
 CLIPS = 12
 
@@ -37,13 +39,10 @@ def _run(cfg, autoencoder, restore):
 
 def test_restoration_probe_credits_exact_restorations_and_nothing_else():
     cfg = compose_train(["experiment=t2v_tiny"])
-    data = cfg.data
-    val = SyntheticVideos(CLIPS, data.frames, data.height, data.width, data.fps, data.seed,
-                          split="val")
-    wanted = [caption_judgement(val.spec(i).caption).shape for i in range(CLIPS)]
+    wanted = [caption_judgement(caption).shape for caption in held_out_prompts(cfg.data, CLIPS)]
     totals = {shape: wanted.count(shape) for shape in SHAPES}
     autoencoder = IdentityAutoencoder(cfg.autoencoder.space_to_depth)
-    clean = autoencoder.encode(torch.stack([val[i]["video"] for i in range(CLIPS)]))
+    clean = autoencoder.encode(held_out_clips(cfg.data, CLIPS))
     exact = _run(cfg, autoencoder, lambda x_t, t: clean)
     table = restored_shapes(exact, CLIPS, [0.3, 0.9], batch=CLIPS)
     assert table == {t: {shape: (totals[shape], totals[shape]) for shape in SHAPES}
